@@ -1,0 +1,39 @@
+"""The deterministic preprocessing pipeline shared by training, evaluation and inference.
+
+    canonical (RAS+) orientation → resample to the configured spacing → intensity normalization
+      → crop-or-pad to the target shape, or pad the native grid up to a patch multiple
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torchio as tio
+
+from transforms.ct_window import CTWindow
+from transforms.foreground_zscore import ForegroundZNormalization
+
+
+def build_preprocessing(data: dict[str, Any], patch_size: int | list[int]) -> tio.Compose:
+    """TorchIO pipeline from the ``data`` config section (as a dict, the form checkpoints carry)."""
+    steps: list[tio.Transform] = []
+    if data.get("canonical", True):
+        steps.append(tio.ToCanonical())
+    if data.get("spacing") is not None:
+        steps.append(tio.Resample(data["spacing"]))
+    intensity = data.get("intensity", "zscore")
+    if intensity == "zscore":
+        steps.append(ForegroundZNormalization())
+    elif intensity == "ct":
+        low, high = data.get("ct_window", (-1000.0, 1000.0))
+        steps.append(CTWindow(low, high))
+    elif intensity == "minmax":
+        steps.append(tio.RescaleIntensity(out_min_max=(0.0, 1.0)))
+    elif intensity != "none":
+        raise ValueError(f"intensity={intensity!r} is not one of zscore, ct, minmax, none")
+    if data.get("target_shape") is not None:
+        steps.append(tio.CropOrPad(tuple(data["target_shape"])))
+    else:
+        patch = patch_size if isinstance(patch_size, int) else tuple(patch_size)
+        steps.append(tio.EnsureShapeMultiple(patch, method="pad"))
+    return tio.Compose(steps)

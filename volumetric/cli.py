@@ -1,0 +1,131 @@
+"""Console entry points: parse, call the library, report. User errors → one line, exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from volumetric import __version__
+from volumetric.config import apply_overrides, config_from_dict, load_config
+from volumetric.errors import VolumetricError
+
+log = logging.getLogger("volumetric")
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _run(argv: Sequence[str] | None, parser: argparse.ArgumentParser, body: Callable, allow_overrides: bool = False) -> int:
+    """Parse, set up logging, call ``body(args, overrides)``; a VolumetricError becomes one line, status 2."""
+    if allow_overrides:
+        args, rest = parser.parse_known_args(argv)
+        overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
+        unknown = [a for a in rest if a not in overrides]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --train.epochs=5)")
+    else:
+        args, overrides = parser.parse_args(argv), []
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return body(args, overrides) or 0
+    except VolumetricError as error:
+        if args.debug:
+            raise
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("volumetric-train", "Train a whole-volume classifier on a folder of class sub-folders or a CSV.")
+    parser.add_argument("data", help="training data: root/<class>/*.nii.gz, or a CSV manifest with path,label")
+    parser.add_argument("--val", help="validation data in the same form (default: a stratified split of DATA)")
+    parser.add_argument("--config", help="YAML config (default: built-in defaults; with --resume, the run's own)")
+    parser.add_argument("--output-dir", required=True, help="run folder: checkpoints, metrics.csv, config.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
+    parser.epilog = "Any config value can be overridden: --train.epochs=5 --model.attention=softmax"
+    return _run(argv, parser, _train, allow_overrides=True)
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.data.discovery import discover
+    from volumetric.engine.checkpoint import load_checkpoint
+    from volumetric.engine.train import train
+
+    if args.resume and args.config is None:
+        raw = load_checkpoint(Path(args.output_dir) / "last.pt")["config"]
+        config = config_from_dict(apply_overrides(raw, overrides))
+    else:
+        config = load_config(args.config, overrides)
+    if args.device:
+        config.train.device = args.device
+    result = train(config, discover(args.data), discover(args.val) if args.val else None, args.output_dir,
+                   resume=args.resume, progress=not args.no_progress)  # fmt: skip
+    best = result.best_metrics
+    summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("val_accuracy", "val_balanced_accuracy", "val_auroc") if k in best)
+    print(f"best epoch {result.best_epoch}: {summary or 'no validation set'}")
+    print(f"checkpoints: {result.output_dir / 'best.pt'}, {result.output_dir / 'last.pt'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("volumetric-evaluate", "Metrics of a checkpoint on a labelled data set.")
+    parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
+    parser.add_argument("data", help="labelled data: root/<class>/*.nii.gz, or a CSV manifest with path,label")
+    parser.add_argument("--output-dir", required=True, help="where metrics.json and predictions.csv go")
+    return _run(argv, parser, _evaluate)
+
+
+def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.engine.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.output_dir, device=args.device or "auto",
+                                  progress=not args.no_progress)  # fmt: skip
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {Path(args.output_dir) / 'metrics.json'} and {Path(args.output_dir) / 'predictions.csv'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ infer
+
+
+def infer_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("volumetric-infer", "Classify scans with a trained checkpoint and write a CSV.")
+    parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
+    parser.add_argument("inputs", nargs="+", help="scan files, or folders searched recursively for scans")
+    parser.add_argument("--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    parser.epilog = "Exit status: 0 all scans classified, 1 some scans failed (see the error column), 2 user error."
+    return _run(argv, parser, _infer)
+
+
+def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.data.discovery import find_scans
+    from volumetric.inference import Predictor, predict_to_csv
+
+    scans = find_scans(args.inputs)
+    if not scans:
+        raise VolumetricError(f"no scans found in {' '.join(args.inputs)}")
+    predictor = Predictor(args.checkpoint, device=args.device or "auto")
+    predictions = predict_to_csv(predictor, scans, Path(args.output), progress=not args.no_progress)
+    failed = sum(1 for p in predictions if p.error)
+    print(f"wrote {len(predictions)} rows to {args.output} ({failed} failed)")
+    return 1 if failed else 0
+

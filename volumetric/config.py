@@ -1,0 +1,214 @@
+"""Run configuration: dataclasses ⇄ YAML, with unknown keys rejected and `--section.key=value` overrides.
+
+A config file holds up to four sections, each optional (defaults below):
+
+    model:   architecture (the keyword arguments of VolumeTransformer, less num_classes)
+    data:    deterministic preprocessing, shared by training, evaluation and inference
+    augment: a list of TorchIO random transforms, each ``{Name: {arguments}}``, training only
+    train:   optimisation and bookkeeping
+
+`load_config` reads a file, applies overrides and validates; every mistake a user can make is a
+`VolumetricError` naming the key.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from volumetric.errors import VolumetricError
+
+INTENSITY_MODES = ("zscore", "ct", "minmax", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    patch_size: int | list[int] = 8
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    attention: str = "seqnorm"  # "seqnorm" (linear) or "softmax" (SDPA reference)
+    dropout: float = 0.0
+    grad_checkpointing: bool = False
+    in_channels: int = 1
+
+
+@dataclass
+class DataConfig:
+    spacing: float | list[float] | None = None  # mm; None keeps each scan's own spacing
+    target_shape: list[int] | None = None  # voxels after resampling; None: native grid padded to a patch multiple
+    intensity: str = "zscore"  # zscore (MRI, foreground), ct (HU window → [0, 1]), minmax, none
+    ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # HU, for intensity: ct
+    canonical: bool = True  # reorient to RAS+
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    val_fraction: float = 0.2  # held out of the training data when no --val is given
+    seed: int = 0
+    num_workers: int = 0
+    cache: bool = True  # keep preprocessed volumes in memory (augmentation still runs every epoch)
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1, ...
+    precision: str = "auto"  # auto: bf16/fp16 autocast on CUDA, fp32 on CPU
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: list[dict[str, Any]] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> Config:
+        """Check values that types alone do not catch; returns self."""
+        m, d, t = self.model, self.data, self.train
+        if d.intensity not in INTENSITY_MODES:
+            raise VolumetricError(f"config data.intensity={d.intensity!r} is not one of {INTENSITY_MODES}")
+        if t.precision not in PRECISIONS:
+            raise VolumetricError(f"config train.precision={t.precision!r} is not one of {PRECISIONS}")
+        if d.target_shape is not None:
+            patch = [m.patch_size] * 3 if isinstance(m.patch_size, int) else m.patch_size
+            if len(d.target_shape) != 3 or any(s <= 0 or s % p for s, p in zip(d.target_shape, patch)):
+                raise VolumetricError(
+                    f"config data.target_shape={d.target_shape} must be three positive multiples of "
+                    f"model.patch_size={m.patch_size}"
+                )
+        if len(d.ct_window) != 2 or d.ct_window[0] >= d.ct_window[1]:
+            raise VolumetricError(f"config data.ct_window={d.ct_window} must be [low, high] with low < high")
+        for name in ("epochs", "batch_size", "grad_accum_steps"):
+            if getattr(t, name) < 1:
+                raise VolumetricError(f"config train.{name} must be at least 1, got {getattr(t, name)}")
+        if not 0.0 <= t.val_fraction < 1.0:
+            raise VolumetricError(f"config train.val_fraction must be in [0, 1), got {t.val_fraction}")
+        if t.lr <= 0:
+            raise VolumetricError(f"config train.lr must be positive, got {t.lr}")
+        for i, entry in enumerate(self.augment):
+            if not (isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry.values())) or {}, dict)):
+                raise VolumetricError(f"config augment[{i}] must be one mapping {{TransformName: {{arguments}}}}, got {entry!r}")
+        return self
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Coerce ``value`` to the field's annotation where that is lossless (int → float), else raise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, key)
+            except VolumetricError:
+                continue
+        raise VolumetricError(f"config {key}={value!r} has the wrong type (expected {_type_name(annotation)})")
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(annotation)
+            return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict or annotation is Any:
+        return value
+    raise VolumetricError(f"config {key}={value!r} has the wrong type (expected {_type_name(annotation)})")
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts; unknown sections or keys are a VolumetricError."""
+    if not isinstance(raw, dict):
+        raise VolumetricError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    unknown = set(raw) - {f.name for f in fields(Config)}
+    if unknown:
+        raise VolumetricError(f"unknown config section(s) {sorted(unknown)}; known: model, data, augment, train")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise VolumetricError(f"config section {name!r} must be a mapping, got {values!r}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise VolumetricError(f"unknown config key {name}.{key}; known keys of {name}: {', '.join(sorted(known))}")
+        sections[name] = cls(**{k: _check_type(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+    augment = raw.get("augment") or []
+    if not isinstance(augment, list):
+        raise VolumetricError(f"config augment must be a list of {{TransformName: {{arguments}}}}, got {augment!r}")
+    return Config(augment=augment, **sections).validate()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (value parsed as YAML) to a raw config dict, in place."""
+    for item in overrides:
+        key, sep, text = item.removeprefix("--").partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise VolumetricError(f"override {item!r} must look like --section.key=value, e.g. --train.epochs=5")
+        if section not in SECTIONS:
+            raise VolumetricError(f"unknown config section in override {item!r}; known: {', '.join(SECTIONS)}")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as error:
+            raise VolumetricError(f"override {item!r}: value is not valid YAML ({error.problem})") from None
+        section_values = raw.setdefault(section, {}) or {}
+        raw[section] = section_values
+        section_values[name] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise VolumetricError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise VolumetricError(f"cannot read config file {path}: {error}") from None
+        except yaml.YAMLError as error:
+            raise VolumetricError(f"config file {path} is not valid YAML: {error}") from None
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from volumetric.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+

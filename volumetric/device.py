@@ -1,0 +1,53 @@
+"""Device and numeric precision: CUDA when present, autocast on CUDA only by default.
+
+On a CPU, float32 is the fast path (bfloat16 matmuls are far slower there), so ``precision: auto``
+means float32 on CPU and bf16 (or fp16 where bf16 is unsupported) autocast on CUDA. The seq-norm
+attention keeps its statistics and reductions in float32 under any autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from volumetric.errors import VolumetricError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' → the first CUDA device if there is one, else the CPU; an unavailable device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VolumetricError(f"device {name!r} is not a valid torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VolumetricError(f"device {name!r} was asked for but CUDA is not available on this machine")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain float32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in _DTYPES:
+        raise VolumetricError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
+    dtype = _DTYPES[precision]
+    if dtype is not None and device.type == "cpu":
+        log.warning("precision %s on the CPU is much slower than fp32 here; use it only to test autocast", precision)
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast for ``dtype``, or a no-op for float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

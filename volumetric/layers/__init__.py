@@ -1,0 +1,1 @@
+"""Small reusable modules of the 3D Transformer."""

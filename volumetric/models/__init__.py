@@ -1,0 +1,5 @@
+"""Classifiers."""
+
+from volumetric.models.vit3d import VolumeTransformer
+
+__all__ = ["VolumeTransformer"]

@@ -1,0 +1,98 @@
+"""VolumeTransformer: a 3D ViT that classifies whole CT/MRI volumes.
+
+    volume (B, C_in, W, H, D) ──PatchEmbed3d──▶ tokens (B, N, C) + 3D sin-cos position embedding
+      ──▶ depth × Block (pre-norm; per-block gradient checkpointing when enabled)
+      ──▶ LayerNorm ──▶ mean over tokens ──▶ Linear ──▶ logits (B, num_classes)
+
+With the default ``attention="seqnorm"`` every block is linear in N, so a whole 256³ scan in 8³
+patches (32,768 tokens) is an ordinary input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from volumetric.layers.attention import ATTENTION
+from volumetric.layers.block import Block
+from volumetric.layers.patch_embed import PatchEmbed3d, as_triple
+from volumetric.layers.pos_embed import sincos_pos_embed_3d
+
+
+class VolumeTransformer(nn.Module):
+    """Whole-volume classifier; every argument is keyword-only and checked (ValueError names it)."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int = 1,
+        patch_size: int | tuple[int, int, int] = 8,
+        embed_dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        attention: str = "seqnorm",
+        dropout: float = 0.0,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        for name, value in [("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim),
+                            ("depth", depth), ("num_heads", num_heads)]:  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if embed_dim < 6:
+            raise ValueError(f"embed_dim={embed_dim} must be at least 6 (3D sin-cos position embedding)")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r} is not one of {sorted(ATTENTION)}")
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = PatchEmbed3d(patch_size=as_triple(patch_size, "patch_size"), in_channels=in_channels,
+                                        embed_dim=embed_dim)  # fmt: skip
+        self.blocks = nn.ModuleList(
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, attention=attention, dropout=dropout)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.apply(_init_weights)
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return self.patch_embed.patch_size
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C_in, W, H, D) → normalized tokens (B, N, C)."""
+        tokens, grid = self.patch_embed(x)  # (B, N, C)
+        tokens = tokens + sincos_pos_embed_3d(grid, self.embed_dim, device=x.device).to(tokens.dtype)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, use_reentrant=False)
+            else:
+                tokens = block(tokens)
+        return self.norm(tokens)
+
+    def forward_head(self, tokens: Tensor) -> Tensor:
+        """(B, N, C) → logits (B, num_classes): mean over tokens, then a linear layer."""
+        return self.head(tokens.mean(dim=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
