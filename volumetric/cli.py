@@ -129,3 +129,38 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"wrote {len(predictions)} rows to {args.output} ({failed} failed)")
     return 1 if failed else 0
 
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("volumetric-bench", "Seq-norm vs softmax attention and volumetric vs MONAI ViT, side by side.")
+    parser.add_argument("--quick", action="store_true", help="small sizes and short caps (about 2 minutes on a CPU)")
+    parser.add_argument("--output", default="docs/benchmarks.md", help="Markdown report to update")
+    parser.add_argument("--plot", default="docs/benchmarks.png", help="log-log plot of attention time and memory")
+    parser.add_argument("--threads", type=int, help="torch threads per case (default: torch's choice)")
+    parser.add_argument("--memory-cap-gib", type=float, default=20.0, help="skip cases predicted to need more")
+    parser.set_defaults(argv=list(sys.argv[1:] if argv is None else argv))
+    return _run(argv, parser, _bench)
+
+
+def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.bench.report import markdown, plot, write_markdown
+    from volumetric.bench.suite import SuiteSettings, ratios, run_suite
+    from volumetric.device import resolve_device
+
+    device = resolve_device(args.device or "auto")
+    settings = SuiteSettings(quick=args.quick, device=str(device), threads=args.threads,
+                             memory_cap_gib=args.memory_cap_gib)  # fmt: skip
+    results = run_suite(settings)
+    measured = ratios(results, settings)
+    for name, value, target in measured:
+        print(f"{name}: {'not measured' if value is None else f'{value:.3g}'} (target {target})")
+    command = "volumetric-bench " + " ".join(args.argv)
+    marker = f"{'quick' if args.quick else 'full'}-{device.type}"
+    write_markdown(Path(args.output), markdown(results, measured, settings, command.strip()), marker)
+    if not args.quick:
+        plot(results, Path(args.plot))
+    print(f"wrote {args.output}" + ("" if args.quick else f" and {args.plot}"))
+    return 0

@@ -13,7 +13,7 @@ tokens overflows in float16.
 
 `seqnorm_attention` is the production path: a custom autograd Function that keeps only its inputs
 and a few (B, H, 1, d) statistics for backward, never materializes Q̂ or K̂ (the normalization is
-folded into the two d×d matrices), and handles constant features (std 0) without NaN gradients.
+folded into d×d matrices), and handles constant features (std 0) without NaN gradients.
 `seqnorm_attention_reference` is the same math in plain autograd, kept for tests and benchmarks.
 
 Both attention modules share one interface, (B, N, C) → (B, N, C), and are registered by name in
@@ -36,36 +36,79 @@ EPS = 1e-5
 # functional forms, all on (B, H, N, d) tensors
 
 
-def _stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-feature mean, std and 1/(std + eps) over the token axis: three (B, H, 1, d) tensors."""
-    var, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=0)
-    std = var.sqrt()
-    return mean, std, 1.0 / (std + eps)
+WELL_CONDITIONED = 32.0
+"""Features whose |mean| is at most this many stds take the fast moments (see `_moments`)."""
+
+
+def _moments(x: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and population variance over the token axis: two (B, H, 1, d) tensors.
+
+    Fast form: the sum and the diagonal of the Gram matrix xᵀx, two reads at matmul speed and no
+    (N, d) temporary; its rounding error grows with (mean/std)². Exact form: two passes through a
+    centred copy. `torch.var_mean` gives the same numbers but is several times slower on the CPU.
+    """
+    n = x.shape[-2]
+    mean = x.sum(dim=-2, keepdim=True) / n
+    if exact:
+        return mean, (x - mean).square().sum(dim=-2, keepdim=True) / n
+    square = torch.diagonal(x.mT @ x, dim1=-2, dim2=-1).unsqueeze(-2) / n  # (B, H, 1, d)
+    return mean, (square - mean.square()).clamp_min(0.0)
+
+
+def _rows_times(x: Tensor, m: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
+    """x @ m + bias with x (B, H, N, d), m (B, H, d, e), bias (B, H, 1, e), as one baddbmm per batch
+    element: strided views go to BLAS as they are, and the bias costs no extra pass."""
+    if out is None:
+        out = x.new_empty(x.shape[:-1] + m.shape[-1:])
+    for b in range(x.shape[0]):
+        torch.baddbmm(bias[b], x[b], m[b], out=out[b])
+    return out
 
 
 class _SeqNormAttentionFn(torch.autograd.Function):
-    """out = Q̂ (K̂ᵀ V) / N with the normalization folded into d×d matrices (float32 inputs).
+    """out = Q̂ (K̂ᵀ V) / N on float32 (B, H, N, d) inputs, with the normalization folded into d×d
+    matrices so that Q̂ and K̂ are never formed.
 
-    Forward, with r = 1/(std + ε):  S = K̂ᵀV/N = diag(r_k) (K − μ_k)ᵀ (V − μ_v) / N,  out = (Q − μ_q) diag(r_q) S
-    Backward, with G = ∂L/∂out and dS = Q̂ᵀ G:
-        dV = K̂ dS / N
-        dQ = r_q ⊙ (G Sᵀ − mean_N(G) Sᵀ) − Q̂ ⊙ c / std_q,   c_j = Σ_k S_jk dS_jk / N
-        dK = r_k ⊙ (V − μ_v) dSᵀ / N − K̂ ⊙ c / std_k
-    (mean_N(dQ̂ ⊙ Q̂) and mean_N(dK̂ ⊙ K̂) both reduce to the same c, computed on d×d matrices.)
+    Forward, with μ, σ the per-feature mean and std over N and r = 1/(σ + ε):
+        S   = K̂ᵀ V / N = diag(r_k) [Kᵀ(V − μ_v) − μ_kᵀ Σ(V − μ_v)] / N          (d×d)
+        out = Q̂ S = Q (diag(r_q) S) − μ_q diag(r_q) S                           (one baddbmm)
+    Backward, with G = ∂L/∂out, dS = Q̂ᵀ G = diag(r_q) (QᵀG − N μ_qᵀ μ_G) and c_j = Σ_k S_jk dS_jk / N:
+        dV = K̂ dS / N = K D − μ_k D,                D = diag(r_k) dS / N
+        dQ = r_q ⊙ (G Sᵀ − μ_G Sᵀ) − (Q − μ_q) ⊙ r_q c / σ_q
+        dK = r_k ⊙ (V dSᵀ − μ_V dSᵀ) / N − (K − μ_k) ⊙ r_k c / σ_k
+    (mean_N(∂Q̂ ⊙ Q̂) and mean_N(∂K̂ ⊙ K̂) both reduce to c, computed on d×d matrices.) Backward
+    keeps only q, k, v and (B, H, 1, d) statistics; every (N, d) product is one baddbmm, and the
+    normalization gradient one addcmul in place.
+
+    Precision: the subtractions above lose (mean/std) digits, once. V is centred before the only
+    reduction where two means would multiply; when some feature of Q or K has |mean| > 32 std
+    (raw intensities, say), the moments and S are taken from centred copies instead (slower).
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
         n = q.shape[-2]
-        mu_q, std_q, r_q = _stats(q, eps)  # (B, H, 1, d) each
-        mu_k, std_k, r_k = _stats(k, eps)
-        mu_v = v.mean(dim=-2, keepdim=True)  # (B, H, 1, d)
-        # Centre K and V before the reduction over N. Exactly, K̂ᵀV = K̂ᵀ(V − μ_v) since K̂ sums to 0;
-        # in float32, KᵀV − N μ_kᵀμ_v, or even K̂ᵀV, loses every digit once the means dwarf the spread
-        # (inputs in the thousands): the rounding error of the means is multiplied by μ_v.
-        s = r_k.mT * ((k - mu_k).mT @ (v - mu_v)) / n  # (B, H, d, d)  S = K̂ᵀ V / N
+        mu_q, var_q = _moments(q, exact=False)  # (B, H, 1, d) each
+        mu_k, var_k = _moments(k, exact=False)
+        limit = WELL_CONDITIONED**2
+        exact = bool((mu_q.square() > limit * var_q).any() or (mu_k.square() > limit * var_k).any())
+        if exact:
+            mu_q, var_q = _moments(q, exact=True)
+            mu_k, var_k = _moments(k, exact=True)
+        std_q, std_k = var_q.sqrt(), var_k.sqrt()
+        r_q, r_k = 1.0 / (std_q + eps), 1.0 / (std_k + eps)
+        mu_v = v.sum(dim=-2, keepdim=True) / n  # (B, H, 1, d)
+        v_c = v - mu_v  # (B, H, N, d), freed below
+        if exact:
+            kv = (k - mu_k).mT @ v_c  # (B, H, d, d)
+        else:
+            kv = k.mT @ v_c - mu_k.mT @ v_c.sum(dim=-2, keepdim=True)  # (B, H, d, d)
+        del v_c
+        s = r_k.mT * kv / n  # (B, H, d, d)  S = K̂ᵀ V / N
         s_q = r_q.mT * s  # (B, H, d, d)  diag(r_q) S
-        out = (q - mu_q) @ s_q  # (B, H, N, d)  Q̂ S
+        # out in (B, N, H, d) memory, so that merging the heads afterwards is a free view
+        out = q.new_empty(q.shape[0], n, q.shape[1], q.shape[-1]).transpose(1, 2)  # (B, H, N, d)
+        _rows_times(q, s_q, -(mu_q @ s_q), out=out)
         ctx.save_for_backward(q, k, v, mu_q, std_q, r_q, mu_k, std_k, r_k, mu_v, s)
         return out
 
@@ -74,34 +117,34 @@ class _SeqNormAttentionFn(torch.autograd.Function):
         q, k, v, mu_q, std_q, r_q, mu_k, std_k, r_k, mu_v, s = ctx.saved_tensors
         n = q.shape[-2]
         g = g.to(q.dtype)
-        q_c = q - mu_q  # (B, H, N, d)  recomputed, Q̂ = q_c · r_q
-        ds = r_q.mT * (q_c.mT @ g)  # (B, H, d, d)  dS = Q̂ᵀ G
+        mu_g = g.sum(dim=-2, keepdim=True) / n  # (B, H, 1, d)
+        ds = r_q.mT * (q.mT @ g - n * (mu_q.mT @ mu_g))  # (B, H, d, d)  dS = Q̂ᵀ G
         c = (s * ds).sum(dim=-1, keepdim=True).mT / n  # (B, H, 1, d)
         grad_q = grad_k = grad_v = None
-        if ctx.needs_input_grad[0]:
-            mean_dq_hat = g.mean(dim=-2, keepdim=True) @ s.mT  # (B, H, 1, d)
-            grad_q = _normalization_backward(g @ (r_q.mT * s).mT, q_c, std_q, r_q, mean_dq_hat, c)
-        del q_c
-        k_c = k - mu_k  # (B, H, N, d)  K̂ = k_c · r_k
         if ctx.needs_input_grad[2]:
-            grad_v = k_c @ (r_k.mT * ds / n)  # (B, H, N, d)  K̂ dS / N
+            d = r_k.mT * ds / n  # (B, H, d, d)
+            grad_v = _rows_times(k, d, -(mu_k @ d))  # (B, H, N, d)  K̂ dS / N
+        if ctx.needs_input_grad[0]:
+            m = (r_q.mT * s).mT  # (B, H, d, d): r_q ⊙ (G Sᵀ) = G m
+            grad_q = _normalization_backward(g, m, mu_g, q, mu_q, std_q, r_q, c)
         if ctx.needs_input_grad[1]:
-            # r_k ⊙ ∂K̂ = r_k ⊙ (V − μ_v) dSᵀ / N, whose mean over N is exactly 0
-            dk_hat = (v - mu_v) @ (r_k.mT * ds).mT / n  # (B, H, N, d)
-            grad_k = _normalization_backward(dk_hat, k_c, std_k, r_k, torch.zeros_like(mu_k), c)
+            m = (r_k.mT * ds).mT / n  # (B, H, d, d): r_k ⊙ ∂K̂ = V m
+            grad_k = _normalization_backward(v, m, mu_v, k, mu_k, std_k, r_k, c)
         return grad_q, grad_k, grad_v, None
 
 
-def _normalization_backward(r_dxhat: Tensor, x_c: Tensor, std: Tensor, r: Tensor, mean_dxhat: Tensor, c: Tensor) -> Tensor:
-    """Gradient through x̂ = x_c·r (x_c = x − μ) given r⊙∂L/∂x̂, (B, H, N, d), updated in place.
+def _normalization_backward(
+    y: Tensor, m: Tensor, mu_y: Tensor, x: Tensor, mu: Tensor, std: Tensor, r: Tensor, c: Tensor
+) -> Tensor:
+    """∂L/∂x for x̂ = (x − μ)·r, where r ⊙ ∂L/∂x̂ = y m (y, x: (B, H, N, d); m: (B, H, d, d)).
 
-    ∂L/∂x = r ⊙ (∂x̂ − mean_N ∂x̂) − x̂ ⊙ c / std; for a constant feature (std 0) x̂ is 0 and so is
-    the last term, which is why 1/std is taken as 0 there instead of inf.
+    ∂L/∂x = r ⊙ (∂x̂ − mean_N ∂x̂) − x̂ ⊙ c / std = y m − μ_y m − (x − μ) ⊙ a,  a = r c / std.
+    A constant feature (std 0) has x̂ = 0, so its last term is 0: 1/std is taken as 0 there.
     """
     inv_std = torch.where(std > 0, 1.0 / std, torch.zeros_like(std))  # (B, H, 1, d)
-    r_dxhat.addcmul_(x_c, r * c * inv_std, value=-1.0)
-    r_dxhat -= r * mean_dxhat
-    return r_dxhat
+    a = r * c * inv_std  # (B, H, 1, d)
+    grad = _rows_times(y, m, mu * a - mu_y @ m)  # (B, H, N, d)
+    return grad.addcmul_(x, a, value=-1.0)
 
 
 def seqnorm_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = EPS) -> Tensor:

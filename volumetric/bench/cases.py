@@ -1,0 +1,129 @@
+"""The workloads the benchmark times, each built from a small JSON-able spec.
+
+    attention   forward+backward of one attention variant on (B, H, N, d) tensors
+    train_step  forward, backward and AdamW step of a whole classifier on one volume
+    matmul      a square float32 matmul, for the machine's measured peak FLOP/s
+
+`build(spec)` returns ``(step, flops)``: a zero-argument callable running one repetition, and the
+model FLOPs of that repetition (forward + backward = 3× forward, recomputation not counted).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from volumetric.layers.attention import (
+    seqnorm_attention,
+    seqnorm_attention_reference,
+    softmax_attention,
+    softmax_attention_explicit,
+)
+from volumetric.models.vit3d import VolumeTransformer
+
+
+def bare_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The floor seq-norm attention is measured against: just Q (Kᵀ V), no normalization."""
+    return q @ (k.mT @ v)
+
+
+ATTENTION_VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
+    "seqnorm": seqnorm_attention,
+    "seqnorm_unfused": seqnorm_attention_reference,
+    "bare_qktv": bare_linear_attention,
+    "softmax_sdpa": softmax_attention,
+    "softmax_explicit": softmax_attention_explicit,
+}
+QUADRATIC = {"softmax_sdpa", "softmax_explicit"}
+
+
+def attention_flops(variant: str, b: int, h: int, n: int, d: int) -> float:
+    """Forward + backward FLOPs of the matmuls (3× the forward's)."""
+    per_head = 2 * 2 * n * n * d if variant in QUADRATIC else 2 * 2 * n * d * d
+    return 3.0 * b * h * per_head
+
+
+def model_flops(*, tokens: int, dim: int, depth: int, mlp_ratio: float, patch_voxels: int, attention: str,
+                num_heads: int, in_channels: int = 1) -> float:  # fmt: skip
+    """Forward + backward FLOPs of a ViT on one volume: linear layers, attention matmuls, patch embedding."""
+    hidden = int(dim * mlp_ratio)
+    linear = 2 * tokens * (3 * dim * dim + dim * dim + 2 * dim * hidden)  # qkv, proj, fc1, fc2
+    d = dim // num_heads
+    attn = 2 * 2 * tokens * (tokens if attention == "softmax" else d) * dim  # two matmuls over all heads
+    embed = 2 * tokens * patch_voxels * in_channels * dim
+    return 3.0 * (depth * (linear + attn) + embed)
+
+
+def _attention_case(spec: dict[str, Any], device: torch.device) -> tuple[Callable[[], None], float]:
+    b, h, n, d = spec.get("batch", 1), spec["heads"], spec["tokens"], spec["head_dim"]
+    fn = ATTENTION_VARIANTS[spec["variant"]]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=generator).to(device).requires_grad_() for _ in range(3))
+    grad = torch.randn(b, h, n, d, generator=generator).to(device)
+
+    def step() -> None:
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward(grad)
+
+    return step, attention_flops(spec["variant"], b, h, n, d)
+
+
+def _monai_vit(spec: dict[str, Any]) -> nn.Module:
+    from monai.networks.nets import ViT
+
+    model = ViT(in_channels=1, img_size=spec["volume"], patch_size=spec["patch"], hidden_size=spec["dim"],
+                mlp_dim=int(spec["dim"] * 4), num_layers=spec["depth"], num_heads=spec["heads"], classification=True,
+                num_classes=2, spatial_dims=3)  # fmt: skip
+    for block in model.blocks:  # route MONAI's attention through SDPA, its fastest path
+        block.attn.use_flash_attention = True
+    return model
+
+
+def _train_step_case(spec: dict[str, Any], device: torch.device) -> tuple[Callable[[], None], float]:
+    volume, patch, dim, depth, heads = spec["volume"], spec["patch"], spec["dim"], spec["depth"], spec["heads"]
+    if spec["model"] == "monai_vit":
+        model = _monai_vit(spec)
+        attention = "softmax"
+    else:
+        attention = spec["model"]  # "seqnorm" or "softmax"
+        model = VolumeTransformer(num_classes=2, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                                  attention=attention, grad_checkpointing=spec.get("checkpointing", False))  # fmt: skip
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 1, volume, volume, volume, generator=generator).to(device)  # (1, 1, W, H, D)
+    y = torch.tensor([1], device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits = logits[0] if isinstance(logits, tuple) else logits  # MONAI returns (logits, hidden states)
+        nn.functional.cross_entropy(logits, y).backward()
+        optimizer.step()
+
+    tokens = (volume // patch) ** 3
+    flops = model_flops(tokens=tokens, dim=dim, depth=depth, mlp_ratio=4.0, patch_voxels=patch**3,
+                        attention=attention, num_heads=heads)  # fmt: skip
+    return step, flops
+
+
+def _matmul_case(spec: dict[str, Any], device: torch.device) -> tuple[Callable[[], None], float]:
+    n = spec["size"]
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+
+    def step() -> None:
+        torch.mm(a, b, out=out)
+
+    return step, 2.0 * n**3
+
+
+CASES = {"attention": _attention_case, "train_step": _train_step_case, "matmul": _matmul_case}
+
+
+def build(spec: dict[str, Any], device: torch.device) -> tuple[Callable[[], None], float]:
+    return CASES[spec["kind"]](spec, device)

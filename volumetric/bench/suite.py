@@ -1,0 +1,124 @@
+"""The benchmark suite: which cases run, in which order, and the ratios the issue targets.
+
+    a. attention forward+backward over N tokens: seqnorm, its unfused form, the bare Q(KᵀV),
+       softmax through SDPA and softmax with the N×N matrix
+    b. a whole training step for volumes of growing size, patch 8: volumetric (seqnorm, with and
+       without checkpointing) against MONAI's ViT of the same width and depth with SDPA
+    c. model-FLOP utilisation against the float32 matmul peak measured in the same run
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from volumetric.bench.runner import Result, run_case, run_series
+
+ATTENTION_ORDER = ["seqnorm", "bare_qktv", "seqnorm_unfused", "softmax_sdpa", "softmax_explicit"]
+MODEL_ORDER = [("seqnorm", False), ("seqnorm", True), ("monai_vit", False)]
+
+
+@dataclass
+class SuiteSettings:
+    quick: bool = False
+    device: str = "cpu"
+    threads: int | None = None
+    heads: int = 8
+    head_dim: int = 32
+    dim: int = 256
+    depth: int = 6
+    patch: int = 8
+    memory_cap_gib: float = 20.0
+
+    @property
+    def tokens(self) -> list[int]:
+        return [1024, 4096, 16384, 65536] if self.quick else [1024, 4096, 16384, 65536, 262144, 1048576]
+
+    @property
+    def volumes(self) -> list[int]:
+        return [64, 128] if self.quick else [64, 128, 256, 512]
+
+    @property
+    def time_cap_s(self) -> float:
+        return 8.0 if self.quick else 150.0
+
+
+def _attention_bytes(spec: dict[str, Any]) -> float:
+    n, d, h = spec["tokens"], spec["head_dim"], spec["heads"]
+    linear = 12 * h * n * d * 4  # inputs, output, their gradients and temporaries
+    if spec["variant"] == "softmax_explicit":
+        return linear + 3 * h * n * n * 4  # scores, softmax, and its gradient
+    return linear
+
+
+def _train_bytes(spec: dict[str, Any]) -> float:
+    tokens = (spec["volume"] // spec["patch"]) ** 3
+    per_layer = 40 * tokens * spec["dim"] * 4  # saved activations of one block, with MLP hidden
+    layers = 1 if spec.get("checkpointing") else spec["depth"]
+    attention = 0.0
+    if spec["model"] == "monai_vit":
+        attention = 0  # SDPA is memory-efficient; the time cap is what stops it
+    return per_layer * (layers + 1) + attention
+
+
+def _quadratic(variant: str) -> bool:
+    return variant.startswith("softmax") or variant == "monai_vit"
+
+
+def _growth(prev: dict[str, Any], spec: dict[str, Any]) -> float:
+    if spec["kind"] == "attention":
+        ratio = spec["tokens"] / prev["tokens"]
+        return ratio**2 if _quadratic(spec["variant"]) else ratio
+    ratio = (spec["volume"] / prev["volume"]) ** 3
+    return ratio**2 if _quadratic(spec["model"]) else ratio
+
+
+def run_suite(s: SuiteSettings) -> dict[str, list[Result]]:
+    caps = dict(timeout_s=s.time_cap_s, memory_cap_bytes=s.memory_cap_gib * 2**30, growth=_growth, threads=s.threads)
+    results: dict[str, list[Result]] = {}
+    size = 2048 if s.device == "cpu" else 8192
+    results["matmul"] = [run_case({"kind": "matmul", "size": size, "device": s.device}, timeout_s=120, threads=s.threads)]
+    attention = []
+    for variant in ATTENTION_ORDER:
+        specs = [{"kind": "attention", "variant": variant, "tokens": n, "heads": s.heads, "head_dim": s.head_dim,
+                  "device": s.device} for n in s.tokens]  # fmt: skip
+        attention += run_series(specs, predicted_bytes=_attention_bytes, **caps)
+    results["attention"] = attention
+    steps = []
+    for model, checkpointing in MODEL_ORDER:
+        specs = [{"kind": "train_step", "model": model, "checkpointing": checkpointing, "volume": v, "patch": s.patch,
+                  "dim": s.dim, "depth": s.depth, "heads": s.heads, "device": s.device} for v in s.volumes]  # fmt: skip
+        steps += run_series(specs, predicted_bytes=_train_bytes, **caps)
+    results["train_step"] = steps
+    return results
+
+
+def _find(results: list[Result], **match: Any) -> Result | None:
+    for r in results:
+        if all(r.spec.get(k) == v for k, v in match.items()) and r.ok:
+            return r
+    return None
+
+
+def ratios(results: dict[str, list[Result]], s: SuiteSettings) -> list[tuple[str, float | None, str]]:
+    """(description, measured value, target) for each target of the issue, at the sizes this run reached."""
+    out: list[tuple[str, float | None, str]] = []
+    att = results["attention"]
+    sn, sdpa = _find(att, variant="seqnorm", tokens=16384), _find(att, variant="softmax_sdpa", tokens=16384)
+    out.append(("attention fwd+bwd @16k tokens: softmax SDPA time / seqnorm time",
+                sdpa.median_s / sn.median_s if sn and sdpa else None, ">= 50"))  # fmt: skip
+    sn, bare = _find(att, variant="seqnorm", tokens=65536), _find(att, variant="bare_qktv", tokens=65536)
+    out.append(("attention fwd+bwd @65k tokens: seqnorm time / bare Q(KᵀV) time",
+                sn.median_s / bare.median_s if sn and bare else None, "<= 1.5"))  # fmt: skip
+    out.append(("attention fwd+bwd @65k tokens: seqnorm peak memory / bare Q(KᵀV) peak memory",
+                sn.peak_bytes / bare.peak_bytes if sn and bare else None, "<= 1.1"))  # fmt: skip
+    steps = results["train_step"]
+    volume = 256 if not s.quick else max(s.volumes)
+    ours = _find(steps, model="seqnorm", checkpointing=False, volume=volume)
+    monai = _find(steps, model="monai_vit", volume=volume)
+    out.append((f"training step @{volume}³ patch {s.patch}: MONAI ViT (SDPA) time / volumetric time",
+                monai.median_s / ours.median_s if ours and monai else None, ">= 25"))  # fmt: skip
+    peak = results["matmul"][0].flops_per_s if results["matmul"][0].ok else None
+    out.append((f"training step @{volume}³: model FLOP/s / measured fp32 matmul peak",
+                ours.flops_per_s / peak if ours and peak else None, ">= 0.60"))  # fmt: skip
+    return out
