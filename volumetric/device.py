@@ -51,3 +51,28 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_cpu_memory_for_reuse() -> bool:
+    """Make glibc keep freed memory for reuse, as PyTorch's CUDA caching allocator does on the GPU.
+
+    By default glibc serves every allocation above 32 MiB with a fresh mmap and returns it on free,
+    so each (N, C) activation of a long token sequence is page-faulted in anew: measured here, a
+    256³ training step spends about 40% of its time there. With mmap off and trimming off, freed
+    blocks stay in the heap and the next step reuses them. Peak memory stays the same (the blocks
+    are the ones the step needed anyway); memory is not handed back to the system between steps.
+    Set ``VOLUMETRIC_CPU_ALLOCATOR=system`` to keep glibc's defaults. Returns whether it applied.
+    """
+    import ctypes
+    import os
+    import sys
+
+    if os.environ.get("VOLUMETRIC_CPU_ALLOCATOR", "reuse") == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from <malloc.h>
+    # -1 reads as SIZE_MAX inside glibc: never trim
+    return bool(libc.mallopt(m_trim_threshold, -1) and libc.mallopt(m_mmap_max, 0))

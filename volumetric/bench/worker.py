@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from volumetric.bench.cases import build
+from volumetric.device import keep_cpu_memory_for_reuse
 
 
 def _status_kib(field: str) -> int:
@@ -71,6 +72,7 @@ def measure(spec: dict, *, min_reps: int = 3, max_reps: int = 10, budget_s: floa
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    keep_cpu_memory_for_reuse()  # as the CLIs do: every case runs under the allocator users get
     print(json.dumps(measure(spec)), flush=True)
     return 0
 

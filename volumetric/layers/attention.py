@@ -78,7 +78,7 @@ class _SeqNormAttentionFn(torch.autograd.Function):
         dK = r_k ⊙ (V dSᵀ − μ_V dSᵀ) / N − (K − μ_k) ⊙ r_k c / σ_k
     (mean_N(∂Q̂ ⊙ Q̂) and mean_N(∂K̂ ⊙ K̂) both reduce to c, computed on d×d matrices.) Backward
     keeps only q, k, v and (B, H, 1, d) statistics; every (N, d) product is one baddbmm, and the
-    normalization gradient one addcmul in place.
+    normalization gradient one addcmul that the matmul then accumulates onto.
 
     Precision: the subtractions above lose (mean/std) digits, once. V is centred before the only
     reduction where two means would multiply; when some feature of Q or K has |mean| > 32 std
@@ -143,8 +143,10 @@ def _normalization_backward(
     """
     inv_std = torch.where(std > 0, 1.0 / std, torch.zeros_like(std))  # (B, H, 1, d)
     a = r * c * inv_std  # (B, H, 1, d)
-    grad = _rows_times(y, m, mu * a - mu_y @ m)  # (B, H, N, d)
-    return grad.addcmul_(x, a, value=-1.0)
+    grad = torch.addcmul(mu * a - mu_y @ m, x, a, value=-1.0)  # (B, H, N, d): the elementwise part first,
+    for b in range(x.shape[0]):  # then the matmul accumulates onto it (BLAS beta = 1): no extra pass
+        grad[b].baddbmm_(y[b], m[b])
+    return grad
 
 
 def seqnorm_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = EPS) -> Tensor:
