@@ -28,9 +28,13 @@ def zscore_foreground(data: torch.Tensor) -> torch.Tensor:
     """(C, W, H, D) → float32 (C, W, H, D), each channel standardized over its foreground."""
     out = data.float().clone()
     for channel in out:  # (W, H, D) views
-        mask = channel > channel.mean()
-        values = channel[mask] if mask.any() else channel.reshape(-1)
-        mean, std = values.mean(), values.std(correction=0)
+        mask = (channel > channel.mean()).float()
+        count = mask.sum()
+        if count == 0:  # constant channel: every voxel equals the mean
+            channel.zero_()
+            continue
+        mean = (channel * mask).sum() / count
+        std = ((channel - mean).square_().mul_(mask).sum() / count).sqrt()
         channel.sub_(mean)
         channel.div_(std) if std > 0 else channel.zero_()
     return out

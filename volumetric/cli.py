@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 
 from volumetric import __version__
 from volumetric.config import apply_overrides, config_from_dict, load_config
-from volumetric.device import keep_cpu_memory_for_reuse
 from volumetric.errors import VolumetricError
 
 log = logging.getLogger("volumetric")
@@ -37,7 +36,6 @@ def _run(argv: Sequence[str] | None, parser: argparse.ArgumentParser, body: Call
     else:
         args, overrides = parser.parse_args(argv), []
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    keep_cpu_memory_for_reuse()
     try:
         return body(args, overrides) or 0
     except VolumetricError as error:

@@ -36,7 +36,9 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     attention: str = "seqnorm"  # "seqnorm" (linear) or "softmax" (SDPA reference)
     dropout: float = 0.0
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute each block in backward: activation memory of one block
+    memory_lean: bool = False  # MLP in token chunks, hidden layer recomputed in backward (very long scans)
+    pool: str = "mean"  # mean over tokens (diffuse findings) or max (small focal findings)
     in_channels: int = 1
 
 
@@ -52,7 +54,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 20
-    batch_size: int = 4
+    batch_size: int = 1  # more than 1 needs data.target_shape (one shape per batch)
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0

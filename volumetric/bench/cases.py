@@ -90,7 +90,8 @@ def _train_step_case(spec: dict[str, Any], device: torch.device) -> tuple[Callab
     else:
         attention = spec["model"]  # "seqnorm" or "softmax"
         model = VolumeTransformer(num_classes=2, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                                  attention=attention, grad_checkpointing=spec.get("checkpointing", False))  # fmt: skip
+                                  attention=attention, grad_checkpointing=spec.get("checkpointing", False),
+                                  memory_lean=spec.get("memory_lean", False))  # fmt: skip
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator(device="cpu").manual_seed(0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from volumetric.bench.cases import build
-from volumetric.device import keep_cpu_memory_for_reuse
+from volumetric.device import configure_cpu_allocator
 
 
 def _status_kib(field: str) -> int:
@@ -72,7 +72,8 @@ def measure(spec: dict, *, min_reps: int = 3, max_reps: int = 10, budget_s: floa
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
-    keep_cpu_memory_for_reuse()  # as the CLIs do: every case runs under the allocator users get
+    # as training does: every case runs under the allocator policy a user's run gets
+    configure_cpu_allocator(memory_saving=spec.get("checkpointing", False) or spec.get("memory_lean", False))
     print(json.dumps(measure(spec)), flush=True)
     return 0
 

@@ -26,7 +26,7 @@ from volumetric.config import Config, save_config
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices
 from volumetric.data.split import stratified_split
-from volumetric.device import autocast, autocast_dtype, resolve_device
+from volumetric.device import autocast, autocast_dtype, configure_cpu_allocator, resolve_device
 from volumetric.engine.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.engine.evaluate import predict
 from volumetric.engine.schedule import warmup_cosine
@@ -97,6 +97,8 @@ def train(
 
     device = resolve_device(t.device)
     dtype = autocast_dtype(device, t.precision)
+    if device.type == "cpu":
+        configure_cpu_allocator(memory_saving=config.model.grad_checkpointing or config.model.memory_lean)
     seed_everything(t.seed)
     preprocess = build_preprocessing(asdict(config.data), config.model.patch_size)
     train_set = ScanDataset(train_pairs, preprocess, augment=build_augmentation(config.augment), cache=t.cache,

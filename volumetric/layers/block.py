@@ -12,13 +12,20 @@ class Block(nn.Module):
     """One encoder block on (B, N, C); the attention kind is looked up by name in the registry."""
 
     def __init__(
-        self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, attention: str = "seqnorm", dropout: float = 0.0
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        attention: str = "seqnorm",
+        dropout: float = 0.0,
+        memory_lean: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = build_attention(attention, dim=dim, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout)
+        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout, memory_lean=memory_lean)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

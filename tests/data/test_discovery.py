@@ -1,0 +1,180 @@
+"""Data discovery (class folders, CSV manifests), stratified splitting and class indices."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from volumetric.data.discovery import class_indices, discover, find_scans
+from volumetric.data.split import stratified_split
+from volumetric.errors import VolumetricError
+
+from conftest import write_scan
+
+
+def touch_scan(path: Path) -> Path:
+    return write_scan(path, np.zeros((2, 2, 2)))
+
+
+@pytest.fixture
+def class_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    touch_scan(root / "b_lesion" / "z.nii.gz")
+    touch_scan(root / "b_lesion" / "a.nii")
+    touch_scan(root / "b_lesion" / "site2" / "deep" / "m.nii.gz")  # found recursively
+    touch_scan(root / "a_healthy" / "x.nii")
+    touch_scan(root / "a_healthy" / ".hidden.nii.gz")  # hidden file: skipped
+    touch_scan(root / "a_healthy" / ".cache" / "y.nii.gz")  # inside a hidden folder: skipped
+    touch_scan(root / ".trash" / "w.nii.gz")  # hidden class folder: skipped
+    (root / "a_healthy" / "notes.txt").write_text("not a scan")
+    (root / "a_healthy" / "scan.nii.gz.bak").write_text("not a scan")
+    (root / "README.md").write_text("a file at the top level is not a class")
+    return root
+
+
+def test_class_folder_discovery(class_tree):
+    items = discover(class_tree)
+    relative = [(str(p.relative_to(class_tree)), label) for p, label in items]
+    assert relative == [
+        ("a_healthy/x.nii", "a_healthy"),
+        ("b_lesion/a.nii", "b_lesion"),
+        ("b_lesion/site2/deep/m.nii.gz", "b_lesion"),
+        ("b_lesion/z.nii.gz", "b_lesion"),
+    ]
+    assert all(p.is_file() for p, _ in items)
+
+
+def test_discovery_is_sorted_regardless_of_creation_order(tmp_path):
+    root = tmp_path / "d"
+    for name in ["c", "a", "b"]:
+        touch_scan(root / "cls" / f"{name}.nii")
+    touch_scan(root / "other" / "x.nii")
+    paths = [p.name for p, _ in discover(root)]
+    assert paths == ["a.nii", "b.nii", "c.nii", "x.nii"]
+
+
+def test_discovery_errors(tmp_path):
+    with pytest.raises(VolumetricError, match="no such"):
+        discover(tmp_path / "missing")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(VolumetricError, match="no scans"):
+        discover(tmp_path / "empty")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(VolumetricError, match="csv"):
+        discover(tmp_path / "file.txt")
+
+
+def test_find_scans_files_and_folders(class_tree):
+    single = class_tree / "a_healthy" / "x.nii"
+    found = find_scans([single, class_tree / "b_lesion", single])
+    assert found[0] == single
+    assert len(found) == 4  # duplicates dropped
+    assert [p.name for p in found[1:]] == ["a.nii", "m.nii.gz", "z.nii.gz"]
+    with pytest.raises(VolumetricError, match="no such"):
+        find_scans([class_tree / "nope.nii"])
+
+
+def test_find_scans_dicom_series_folder(tmp_path):
+    series = tmp_path / "root" / "patient1"
+    series.mkdir(parents=True)
+    for i in range(3):
+        (series / f"slice{i}.dcm").write_bytes(b"")
+    assert find_scans([tmp_path / "root"]) == [series]
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+
+def write_manifest(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_csv_manifest_relative_and_absolute_paths(tmp_path):
+    a = touch_scan(tmp_path / "meta" / "scans" / "a.nii.gz")
+    b = touch_scan(tmp_path / "elsewhere" / "b.nii")
+    manifest = write_manifest(tmp_path / "meta" / "list.csv", f"path,label,age\nscans/a.nii.gz,healthy,3\n{b},lesion,4\n")
+    items = discover(manifest)
+    assert items == [(tmp_path / "meta" / "scans" / "a.nii.gz", "healthy"), (b, "lesion")]
+    assert items[0][0].resolve() == a.resolve()
+
+
+def test_csv_relative_paths_resolve_against_csv_folder_not_cwd(tmp_path, monkeypatch):
+    touch_scan(tmp_path / "meta" / "a.nii")
+    touch_scan(tmp_path / "cwd" / "a.nii")  # a decoy beside the working directory
+    manifest = write_manifest(tmp_path / "meta" / "list.csv", "path,label\na.nii,x\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    ((path, label),) = discover(manifest)
+    assert path.resolve() == (tmp_path / "meta" / "a.nii").resolve()
+    assert label == "x"
+
+
+def test_csv_missing_path_raises(tmp_path):
+    touch_scan(tmp_path / "a.nii")
+    manifest = write_manifest(tmp_path / "m.csv", "path,label\na.nii,x\nmissing.nii,y\n")
+    with pytest.raises(VolumetricError, match=r"m\.csv:3.*missing\.nii"):
+        discover(manifest)
+
+
+def test_csv_duplicate_row_raises(tmp_path):
+    touch_scan(tmp_path / "sub" / "a.nii")
+    manifest = write_manifest(tmp_path / "m.csv", f"path,label\nsub/a.nii,x\n{tmp_path / 'sub' / 'a.nii'},x\n")
+    with pytest.raises(VolumetricError, match="twice"):
+        discover(manifest)
+
+
+@pytest.mark.parametrize("text", ["file,label\na.nii,x\n", "path,class\na.nii,x\n", "path\na.nii\n", "path,label\n", ""])
+def test_csv_missing_columns_or_rows_raises(tmp_path, text):
+    touch_scan(tmp_path / "a.nii")
+    with pytest.raises(VolumetricError, match="path,label"):
+        discover(write_manifest(tmp_path / "m.csv", text))
+
+
+def test_csv_empty_label_raises(tmp_path):
+    touch_scan(tmp_path / "a.nii")
+    with pytest.raises(VolumetricError, match="empty"):
+        discover(write_manifest(tmp_path / "m.csv", "path,label\na.nii,\n"))
+
+
+# --------------------------------------------------------------------------------------------- split
+
+
+LABELS = [0] * 10 + [1] * 7 + [2] * 3
+
+
+def test_split_is_seeded():
+    assert stratified_split(LABELS, 0.3, seed=1) == stratified_split(LABELS, 0.3, seed=1)
+    splits = {tuple(stratified_split(LABELS, 0.3, seed=s)[1]) for s in range(6)}
+    assert len(splits) > 1
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_split_disjoint_covering_stratified(fraction, seed):
+    train, val = stratified_split(LABELS, fraction, seed)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == list(range(len(LABELS)))
+    assert train == sorted(train) and val == sorted(val)
+    counts, val_counts = Counter(LABELS), Counter(LABELS[i] for i in val)
+    for label, total in counts.items():
+        assert 1 <= val_counts[label] <= total - 1  # every class in both parts
+        assert abs(val_counts[label] - total * fraction) <= 1
+
+
+def test_split_zero_fraction_and_singletons():
+    train, val = stratified_split([0, 0, 1], 0.0, seed=0)
+    assert val == [] and train == [0, 1, 2]
+    train, val = stratified_split([0, 0, 0, 0, 1], 0.2, seed=0)
+    assert 4 in train  # a class with one sample stays in training at the default fraction
+    assert len([i for i in val if i < 4]) == 1  # at least one of a class with two or more
+
+
+def test_class_indices():
+    items = [(Path("a"), "lesion"), (Path("b"), "healthy")]
+    assert class_indices(items, ["healthy", "lesion"], "src") == [(Path("a"), 1), (Path("b"), 0)]
+    with pytest.raises(VolumetricError, match="tumour"):
+        class_indices([(Path("a"), "tumour")], ["healthy", "lesion"], "src")

@@ -1,0 +1,209 @@
+"""volumetric.config: defaults, YAML round trip, strict keys and types, overrides, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from volumetric.config import Config, apply_overrides, config_from_dict, load_config, save_config
+from volumetric.errors import VolumetricError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_load():
+    config = load_config(None)
+    assert isinstance(config, Config)
+    assert config.model.attention == "seqnorm"
+    assert config.model.patch_size == 8
+    assert config.train.epochs == 20
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.data.target_shape is None
+    assert config.augment == []
+    assert config == Config()
+
+
+def test_shipped_default_yaml_equals_builtin_defaults():
+    assert load_config(REPO / "configs" / "default.yaml") == Config()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(name):
+    assert isinstance(load_config(REPO / "configs" / name), Config)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_yaml_round_trip(tmp_path):
+    raw = {
+        "model": {"patch_size": [4, 4, 8], "embed_dim": 48, "depth": 2, "num_heads": 4, "attention": "softmax"},
+        "data": {"spacing": [1.0, 1.0, 2.5], "target_shape": [32, 32, 64], "intensity": "ct", "ct_window": [-200, 400]},
+        "augment": [{"RandomFlip": {"axes": [0]}}, {"RandomNoise": {"std": 0.1}}],
+        "train": {"epochs": 3, "lr": 0.001, "batch_size": 2, "seed": 7, "device": "cpu"},
+    }
+    config = load_config(write_yaml(tmp_path / "in.yaml", raw))
+    save_config(config, tmp_path / "out.yaml")
+    again = load_config(tmp_path / "out.yaml")
+    assert again == config
+    assert again.to_dict() == config.to_dict()
+    assert again.model.patch_size == [4, 4, 8]
+    assert again.data.ct_window == [-200.0, 400.0]
+    assert again.augment == raw["augment"]
+    # the file is plain YAML, all sections written out, and no temporary file is left behind
+    assert set(yaml.safe_load((tmp_path / "out.yaml").read_text())) == {"model", "data", "augment", "train"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.yaml", "out.yaml"]
+
+
+def test_unknown_section_raises(tmp_path):
+    with pytest.raises(VolumetricError, match="optimizer"):
+        load_config(write_yaml(tmp_path / "c.yaml", {"optimizer": {"lr": 1}}))
+
+
+@pytest.mark.parametrize("section,key", [("train", "epoch"), ("model", "heads"), ("data", "shape")])
+def test_unknown_key_raises_naming_it(tmp_path, section, key):
+    with pytest.raises(VolumetricError, match=rf"{section}\.{key}"):
+        load_config(write_yaml(tmp_path / "c.yaml", {section: {key: 1}}))
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("train", "epochs", "ten"),
+        ("train", "epochs", 2.5),
+        ("train", "epochs", True),
+        ("train", "lr", "fast"),
+        ("train", "cache", 1),
+        ("model", "embed_dim", [1, 2]),
+        ("model", "attention", 3),
+        ("data", "target_shape", [16, "x", 16]),
+        ("data", "spacing", "1mm"),
+    ],
+)
+def test_wrong_type_raises(tmp_path, section, key, value):
+    with pytest.raises(VolumetricError, match=rf"{section}\.{key}"):
+        load_config(write_yaml(tmp_path / "c.yaml", {section: {key: value}}))
+
+
+def test_int_to_float_coercion(tmp_path):
+    config = load_config(write_yaml(tmp_path / "c.yaml", {"train": {"lr": 1, "warmup_epochs": 2},
+                                                           "data": {"spacing": 2}}))  # fmt: skip
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert isinstance(config.train.warmup_epochs, float)
+    assert config.data.spacing == 2  # int | list | None: an int is a valid float
+    assert isinstance(config.data.spacing, float)
+
+
+def test_overrides_apply(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 10, "lr": 0.1}})
+    config = load_config(path, ["--train.epochs=3", "train.lr=0.002", "--model.attention=softmax",
+                                "--data.target_shape=[16,16,16]", "--model.patch_size=4"])  # fmt: skip
+    assert config.train.epochs == 3
+    assert config.train.lr == pytest.approx(2e-3) and isinstance(config.train.lr, float)
+    assert config.model.attention == "softmax"
+    assert config.data.target_shape == [16, 16, 16]
+    # untouched values stay
+    assert config.train.batch_size == 1
+
+
+@pytest.mark.parametrize("text", ["1e-3", "5e2"])
+def test_override_float_in_scientific_notation(text):
+    """`--train.lr=1e-3` is how everyone writes a learning rate. PyYAML (YAML 1.1) reads `1e-3`
+    (no dot) as the *string* '1e-3', which the float field then rejects."""
+    config = load_config(None, [f"train.lr={text}"])
+    assert config.train.lr == pytest.approx(float(text))
+
+
+def test_yaml_file_float_in_scientific_notation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5e-2\n")
+    config = load_config(path)
+    assert config.train.lr == pytest.approx(1e-3)
+    assert config.train.weight_decay == pytest.approx(5e-2)
+
+
+def test_override_of_defaults_and_null():
+    config = load_config(None, ["--data.spacing=1.5", "--data.target_shape=null"])
+    assert config.data.spacing == 1.5
+    assert config.data.target_shape is None
+
+
+def test_overrides_are_checked_like_the_file():
+    with pytest.raises(VolumetricError, match="train.bogus"):
+        load_config(None, ["--train.bogus=1"])
+    with pytest.raises(VolumetricError, match="train.epochs"):
+        load_config(None, ["--train.epochs=many"])
+    with pytest.raises(VolumetricError, match="nosuch"):
+        load_config(None, ["--nosuch.key=1"])
+
+
+@pytest.mark.parametrize("bad", ["--train.epochs", "--epochs=3", "train=3", "--train.=3", "--train.lr=[1,"])
+def test_bad_override_syntax_raises(bad):
+    with pytest.raises(VolumetricError):
+        load_config(None, [bad])
+
+
+def test_apply_overrides_in_place():
+    raw = {"train": None}
+    assert apply_overrides(raw, ["train.epochs=2"]) == {"train": {"epochs": 2}}
+
+
+@pytest.mark.parametrize(
+    "patch,shape",
+    [(8, [16, 16, 12]), (4, [16, 16]), ([4, 4, 8], [16, 16, 12]), (4, [0, 16, 16]), (4, [16, 16, 16, 16])],
+)
+def test_target_shape_not_a_multiple_raises(patch, shape):
+    with pytest.raises(VolumetricError, match="target_shape"):
+        config_from_dict({"model": {"patch_size": patch}, "data": {"target_shape": shape}})
+
+
+def test_target_shape_multiple_of_anisotropic_patch_ok():
+    config = config_from_dict({"model": {"patch_size": [4, 4, 8]}, "data": {"target_shape": [16, 12, 16]}})
+    assert config.data.target_shape == [16, 12, 16]
+
+
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"data": {"intensity": "hu"}}, "intensity"),
+        ({"train": {"precision": "fp8"}}, "precision"),
+        ({"data": {"ct_window": [100, -100]}}, "ct_window"),
+        ({"data": {"ct_window": [1, 2, 3]}}, "ct_window"),
+        ({"train": {"epochs": 0}}, "epochs"),
+        ({"train": {"batch_size": 0}}, "batch_size"),
+        ({"train": {"val_fraction": 1.0}}, "val_fraction"),
+        ({"train": {"lr": 0}}, "lr"),
+        ({"augment": [{"RandomFlip": {}, "RandomNoise": {}}]}, "augment"),
+        ({"augment": {"RandomFlip": {}}}, "augment"),
+        ({"train": [1, 2]}, "train"),
+    ],
+)
+def test_validation_errors(raw, key):
+    with pytest.raises(VolumetricError, match=key):
+        config_from_dict(raw)
+
+
+def test_not_a_mapping_raises(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(VolumetricError, match="mapping"):
+        load_config(path)
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(VolumetricError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: {patch_size: [4,\n")
+    with pytest.raises(VolumetricError, match="YAML"):
+        load_config(path)
