@@ -82,7 +82,9 @@ class _SeqNormAttentionFn(torch.autograd.Function):
 
     Precision: the subtractions above lose (mean/std) digits, once. V is centred before the only
     reduction where two means would multiply; when some feature of Q or K has |mean| > 32 std
-    (raw intensities, say), the moments and S are taken from centred copies instead (slower).
+    (raw intensities, a constant feature), forward and backward work on centred copies of Q, K
+    and V instead (exact, one extra (N, d) temporary each). V is not tested for this: inside the
+    model it comes out of a LayerNorm'd projection, and its mean only enters dK.
     """
 
     @staticmethod
@@ -108,7 +110,11 @@ class _SeqNormAttentionFn(torch.autograd.Function):
         s_q = r_q.mT * s  # (B, H, d, d)  diag(r_q) S
         # out in (B, N, H, d) memory, so that merging the heads afterwards is a free view
         out = q.new_empty(q.shape[0], n, q.shape[1], q.shape[-1]).transpose(1, 2)  # (B, H, N, d)
-        _rows_times(q, s_q, -(mu_q @ s_q), out=out)
+        if exact:  # (Q − μ_q) diag(r_q) S from a centred copy: no cancellation of μ_q·r_q terms
+            _rows_times(q - mu_q, s_q, torch.zeros_like(mu_q), out=out)
+        else:
+            _rows_times(q, s_q, -(mu_q @ s_q), out=out)
+        ctx.exact = exact
         ctx.save_for_backward(q, k, v, mu_q, std_q, r_q, mu_k, std_k, r_k, mu_v, s)
         return out
 
@@ -118,6 +124,9 @@ class _SeqNormAttentionFn(torch.autograd.Function):
         n = q.shape[-2]
         g = g.to(q.dtype)
         mu_g = g.sum(dim=-2, keepdim=True) / n  # (B, H, 1, d)
+        if ctx.exact:  # ill-conditioned Q or K: work on centred copies (see the class docstring)
+            q, k, v = q - mu_q, k - mu_k, v - mu_v  # (B, H, N, d) each
+            mu_q, mu_k, mu_v = torch.zeros_like(mu_q), torch.zeros_like(mu_k), torch.zeros_like(mu_v)
         ds = r_q.mT * (q.mT @ g - n * (mu_q.mT @ mu_g))  # (B, H, d, d)  dS = Q̂ᵀ G
         c = (s * ds).sum(dim=-1, keepdim=True).mT / n  # (B, H, 1, d)
         grad_q = grad_k = grad_v = None
