@@ -207,3 +207,20 @@ def test_missing_file_and_invalid_yaml(tmp_path):
     path.write_text("model: {patch_size: [4,\n")
     with pytest.raises(VolumetricError, match="YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        # validate() checks target_shape against the patch with zip(), which stops at the shorter list
+        ({"model": {"patch_size": [4, 4]}, "data": {"target_shape": [16, 16, 16]}}, "patch_size"),
+        ({"model": {"embed_dim": 25, "num_heads": 2}}, "embed_dim"),
+    ],
+    ids=["two-element-patch", "embed_dim-not-divisible"],
+)
+def test_model_section_is_validated(raw, key):
+    """config.py: "every mistake a user can make is a VolumetricError naming the key". Model values that
+    VolumeTransformer rejects are not checked here; they surface later as a bare ValueError (which the
+    CLI does not catch either, see test_cli.py::test_error_bad_model_argument_is_one_line)."""
+    with pytest.raises(VolumetricError, match=f"model.{key}"):
+        config_from_dict(raw)

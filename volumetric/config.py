@@ -13,6 +13,7 @@ A config file holds up to four sections, each optional (defaults below):
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -82,6 +83,13 @@ class Config:
     def validate(self) -> Config:
         """Check values that types alone do not catch; returns self."""
         m, d, t = self.model, self.data, self.train
+        from volumetric.models.vit3d import check_model_arguments
+
+        model_arguments = {k: v for k, v in asdict(m).items() if k not in ("grad_checkpointing", "memory_lean")}
+        try:
+            check_model_arguments(**model_arguments)
+        except ValueError as error:  # the message starts with the argument's name
+            raise VolumetricError(f"config model.{error}") from None
         if d.intensity not in INTENSITY_MODES:
             raise VolumetricError(f"config data.intensity={d.intensity!r} is not one of {INTENSITY_MODES}")
         if t.precision not in PRECISIONS:
@@ -106,6 +114,22 @@ class Config:
             if not (isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry.values())) or {}, dict)):
                 raise VolumetricError(f"config augment[{i}] must be one mapping {{TransformName: {{arguments}}}}, got {entry!r}")
         return self
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-3` and `5e2` as floats as YAML 1.2 does (PyYAML follows 1.1,
+    where a float needs a dot, so `lr: 1e-3` would otherwise be the string '1e-3')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -183,7 +207,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if section not in SECTIONS:
             raise VolumetricError(f"unknown config section in override {item!r}; known: {', '.join(SECTIONS)}")
         try:
-            value = yaml.safe_load(text) if text else None
+            value = _parse_yaml(text) if text else None
         except yaml.YAMLError as error:
             raise VolumetricError(f"override {item!r}: value is not valid YAML ({error.problem})") from None
         section_values = raw.setdefault(section, {}) or {}
@@ -198,7 +222,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _parse_yaml(path.read_text()) or {}
         except FileNotFoundError:
             raise VolumetricError(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as error:

@@ -221,3 +221,31 @@ def test_batch_elements_are_independent():
         together = model(x)
         alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ pooling
+
+
+def test_max_pool_head():
+    model = tiny(pool="max", num_classes=3)
+    x = torch.randn(2, 1, 8, 12, 8)
+    tokens = model.forward_features(x)
+    logits = model.forward_head(tokens)
+    assert logits.shape == (2, 3)
+    torch.testing.assert_close(logits, model.head(tokens.amax(dim=1)))
+    torch.testing.assert_close(model(x), logits)
+    mean_model = tiny(num_classes=3)
+    mean_model.load_state_dict(model.state_dict())  # same weights, another pooling
+    assert not torch.allclose(mean_model.forward_head(tokens), logits)
+
+
+def test_max_pool_every_parameter_gets_a_gradient():
+    model = tiny(pool="max")
+    model(torch.randn(2, 1, 8, 8, 12)).square().sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.count_nonzero(p.grad)]
+    assert not missing, f"no gradient: {missing}"
+
+
+def test_bad_pool_raises():
+    with pytest.raises(ValueError, match="pool"):
+        tiny(pool="attention")

@@ -26,6 +26,42 @@ from volumetric.layers.pos_embed import sincos_pos_embed_3d
 POOLS = ("mean", "max")
 
 
+def check_model_arguments(
+    *,
+    num_classes: int = 2,
+    in_channels: int = 1,
+    patch_size: int | tuple[int, int, int] | list[int] = 8,
+    embed_dim: int = 192,
+    depth: int = 6,
+    num_heads: int = 6,
+    mlp_ratio: float = 4.0,
+    attention: str = "seqnorm",
+    dropout: float = 0.0,
+    pool: str = "mean",
+) -> None:
+    """Raise a ValueError, starting with the argument's name, for any value VolumeTransformer cannot use.
+
+    Shared by the model and by `Config.validate`, so that a bad config fails before any data is read.
+    """
+    for name, value in [("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim),
+                        ("depth", depth), ("num_heads", num_heads)]:  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    as_triple(patch_size, "patch_size")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+    if embed_dim < 6:
+        raise ValueError(f"embed_dim={embed_dim} must be at least 6 (3D sin-cos position embedding)")
+    if not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool={pool!r} is not one of {POOLS}")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r} is not one of {sorted(ATTENTION)}")
+
+
 class VolumeTransformer(nn.Module):
     """Whole-volume classifier; every argument is keyword-only and checked (ValueError names it)."""
 
@@ -46,22 +82,9 @@ class VolumeTransformer(nn.Module):
         pool: str = "mean",
     ):
         super().__init__()
-        for name, value in [("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim),
-                            ("depth", depth), ("num_heads", num_heads)]:  # fmt: skip
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        if embed_dim < 6:
-            raise ValueError(f"embed_dim={embed_dim} must be at least 6 (3D sin-cos position embedding)")
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if pool not in POOLS:
-            raise ValueError(f"pool={pool!r} is not one of {POOLS}")
-        if attention not in ATTENTION:
-            raise ValueError(f"attention={attention!r} is not one of {sorted(ATTENTION)}")
+        check_model_arguments(num_classes=num_classes, in_channels=in_channels, patch_size=patch_size,
+                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                              attention=attention, dropout=dropout, pool=pool)  # fmt: skip
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.grad_checkpointing = grad_checkpointing
