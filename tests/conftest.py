@@ -27,16 +27,26 @@ def blob_volume(rng: np.random.Generator, shape, bright: bool) -> np.ndarray:
     return data
 
 
-@pytest.fixture
-def tiny_dataset(tmp_path: Path) -> Path:
+def make_tiny_dataset(root: Path) -> Path:
     """root/<class>/*.nii[.gz]: 10 scans per class, 20×18×16 voxels, spacing 1.5×1.5×2 mm."""
     rng = np.random.default_rng(0)
-    root = tmp_path / "data"
     for label, bright in (("healthy", False), ("lesion", True)):
         for i in range(10):
             suffix = ".nii.gz" if i % 2 else ".nii"
             write_scan(root / label / f"scan{i:02d}{suffix}", blob_volume(rng, (20, 18, 16), bright))
     return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """root/<class>/*.nii[.gz]: 10 scans per class, 20×18×16 voxels, spacing 1.5×1.5×2 mm."""
+    return make_tiny_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same data set as ``tiny_dataset``, written once per session for tests that only read it."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("shared") / "data")
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from volumetric import __version__
 from volumetric.config import apply_overrides, config_from_dict, load_config
+from volumetric.engine.interrupt import TrainingInterrupted
 from volumetric.errors import VolumetricError
 
 log = logging.getLogger("volumetric")
@@ -26,7 +27,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _run(argv: Sequence[str] | None, parser: argparse.ArgumentParser, body: Callable, allow_overrides: bool = False) -> int:
-    """Parse, set up logging, call ``body(args, overrides)``; a VolumetricError becomes one line, status 2."""
+    """Parse, set up logging, call ``body(args, overrides)``; a VolumetricError or ValueError becomes one
+    line and status 2 (`--debug` shows the traceback)."""
     if allow_overrides:
         args, rest = parser.parse_known_args(argv)
         overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
@@ -38,11 +40,14 @@ def _run(argv: Sequence[str] | None, parser: argparse.ArgumentParser, body: Call
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return body(args, overrides) or 0
-    except VolumetricError as error:
+    except (VolumetricError, ValueError) as error:  # ValueError: a bad argument the library rejected
         if args.debug:
             raise
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        print(f"{parser.prog}: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

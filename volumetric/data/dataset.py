@@ -7,9 +7,12 @@ kept in memory; augmentation is random and runs on every access.
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchio as tio
 from torch.utils.data import Dataset
@@ -19,14 +22,61 @@ from volumetric.errors import VolumetricError
 log = logging.getLogger(__name__)
 
 
+MAX_VOXELS = 2**31
+"""Scans whose header claims more voxels than this (8 GiB as float32) are refused before loading."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_header(path: Path) -> None:
+    """Refuse unreadable or absurd files from their header alone, before any voxel is read."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # SimpleITK cannot tell; TorchIO also tries nibabel, and reports its own error
+    size = reader.GetSize()
+    voxels = int(np.prod(size, dtype=np.float64)) * reader.GetNumberOfComponents()
+    if voxels > MAX_VOXELS:
+        shape = "×".join(map(str, size))
+        raise VolumetricError(f"{path}: header claims {shape} voxels ({voxels:.2e}); refusing to load it")
+
+
 def read_scan(path: Path) -> tio.ScalarImage:
-    """Read a scan through TorchIO (orientation and spacing honoured); a VolumetricError if unreadable."""
+    """Read a scan through TorchIO (orientation and spacing honoured) and check that it is a usable
+    3D volume; every problem is a VolumetricError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumetricError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise VolumetricError(f"{path}: empty file")
+        if not os.access(path, os.R_OK):
+            raise VolumetricError(f"{path}: permission denied")
+        _check_header(path)
     image = tio.ScalarImage(path)
     try:
-        image.load()
+        with warnings.catch_warnings():  # TorchIO warns before falling back from SimpleITK to nibabel
+            warnings.simplefilter("ignore")
+            image.load()
+    except MemoryError:
+        raise VolumetricError(f"{path}: too large to load into memory") from None
     except Exception as error:  # nibabel, SimpleITK and TorchIO raise many types for a broken file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise VolumetricError(f"{path}: cannot read scan ({reason})") from None
+        detail = _first_line(error)
+        detail = "" if "not understood" in detail else f" ({detail})"  # TorchIO's generic message adds nothing
+        raise VolumetricError(f"{path}: cannot read scan: not an image file, or truncated{detail}") from None
+    spatial = image.spatial_shape
+    if sum(n > 1 for n in spatial) < 3:
+        raise VolumetricError(f"{path}: a {'×'.join(map(str, spatial))} image is not a 3D volume")
+    bad = int((~torch.isfinite(image.data)).sum())
+    if bad:
+        raise VolumetricError(f"{path}: {bad} voxel(s) are NaN or infinite")
     return image
 
 
@@ -34,9 +84,14 @@ def load_subject(path: Path, preprocess: tio.Transform, in_channels: int = 1) ->
     """Read and preprocess one scan into a Subject whose ``image`` is (C, W, H, D) float32."""
     image = read_scan(path)
     if image.num_channels != in_channels:
-        raise VolumetricError(f"{path}: scan has {image.num_channels} channels, the model takes {in_channels}")
-    subject = preprocess(tio.Subject(image=image))
-    return subject
+        raise VolumetricError(
+            f"{path}: scan has {image.num_channels} channels or time points, the model takes {in_channels} "
+            "(split a series into 3D volumes, or train with model.in_channels set to match)"
+        )
+    # TorchIO draws a random number in every transform call, deterministic ones included: keep the
+    # global RNG untouched, so that augmentation does not depend on which scans were cached
+    with torch.random.fork_rng(devices=[]):
+        return preprocess(tio.Subject(image=image))
 
 
 class ScanDataset(Dataset):
