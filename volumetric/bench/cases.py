@@ -82,8 +82,19 @@ def _monai_vit(spec: dict[str, Any]) -> nn.Module:
     return model
 
 
+def volume_shape(spec: dict[str, Any]) -> tuple[int, int, int]:
+    """The spec's volume as (W, H, D): an int means a cube."""
+    volume = spec["volume"]
+    return (volume,) * 3 if isinstance(volume, int) else tuple(volume)
+
+
+def tokens_of(spec: dict[str, Any]) -> int:
+    w, h, d = volume_shape(spec)
+    return (w // spec["patch"]) * (h // spec["patch"]) * (d // spec["patch"])
+
+
 def _train_step_case(spec: dict[str, Any], device: torch.device) -> tuple[Callable[[], None], float]:
-    volume, patch, dim, depth, heads = spec["volume"], spec["patch"], spec["dim"], spec["depth"], spec["heads"]
+    patch, dim, depth, heads = spec["patch"], spec["dim"], spec["depth"], spec["heads"]
     if spec["model"] == "monai_vit":
         model = _monai_vit(spec)
         attention = "softmax"
@@ -95,7 +106,7 @@ def _train_step_case(spec: dict[str, Any], device: torch.device) -> tuple[Callab
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, 1, volume, volume, volume, generator=generator).to(device)  # (1, 1, W, H, D)
+    x = torch.randn(1, 1, *volume_shape(spec), generator=generator).to(device)  # (1, 1, W, H, D)
     y = torch.tensor([1], device=device)
 
     def step() -> None:
@@ -105,8 +116,7 @@ def _train_step_case(spec: dict[str, Any], device: torch.device) -> tuple[Callab
         nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
 
-    tokens = (volume // patch) ** 3
-    flops = model_flops(tokens=tokens, dim=dim, depth=depth, mlp_ratio=4.0, patch_voxels=patch**3,
+    flops = model_flops(tokens=tokens_of(spec), dim=dim, depth=depth, mlp_ratio=4.0, patch_voxels=patch**3,
                         attention=attention, num_heads=heads)  # fmt: skip
     return step, flops
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from volumetric.bench.cases import tokens_of, volume_shape
 from volumetric.bench.runner import Result
 from volumetric.bench.suite import ATTENTION_ORDER, SuiteSettings
 from volumetric.io import atomic_path, atomic_write_text
@@ -71,12 +72,14 @@ def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command
         lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
     lines += ["", "### Training step (forward, backward, AdamW)", "",
               "| model | volume | tokens | seconds | peak MiB | model TFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in results["train_step"]:
+    for r in results["train_step"] + results.get("scale", []):
         name = r.spec["model"] + (" + checkpointing" if r.spec.get("checkpointing") else "")
-        tokens = (r.spec["volume"] // r.spec["patch"]) ** 3
+        name += " + memory-lean" if r.spec.get("memory_lean") else ""
         util = f"{r.flops_per_s / peak.flops_per_s:.0%}" if r.ok and peak.ok else "–"
         tflops = f"{r.flops_per_s / 1e12:.3f}" if r.ok else "–"
-        lines.append(f"| {name} | {r.spec['volume']}³ | {tokens:,} | {_time(r)} | {_mem(r)} | {tflops} | {util} |")
+        volume = "×".join(map(str, volume_shape(r.spec)))
+        lines.append(f"| {name} | {volume}, patch {r.spec['patch']} | {tokens_of(r.spec):,} | {_time(r)} | {_mem(r)} "
+                     f"| {tflops} | {util} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

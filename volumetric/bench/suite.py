@@ -5,6 +5,8 @@
     b. a whole training step for volumes of growing size, patch 8: volumetric (seqnorm, with and
        without checkpointing) against MONAI's ViT of the same width and depth with SDPA
     c. model-FLOP utilisation against the float32 matmul peak measured in the same run
+    d. scale (full run only): a training step of the width-256, 6-layer model with checkpointing and
+       memory-lean blocks at 262,144 and 1,048,576 tokens (patch 4), under the memory cap
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from volumetric.bench.cases import tokens_of
 from volumetric.bench.runner import Result, run_case, run_series
 
 ATTENTION_ORDER = ["seqnorm", "bare_qktv", "seqnorm_unfused", "softmax_sdpa", "softmax_explicit"]
@@ -52,13 +55,12 @@ def _attention_bytes(spec: dict[str, Any]) -> float:
 
 
 def _train_bytes(spec: dict[str, Any]) -> float:
-    tokens = (spec["volume"] // spec["patch"]) ** 3
-    per_layer = 40 * tokens * spec["dim"] * 4  # saved activations of one block, with MLP hidden
-    layers = 1 if spec.get("checkpointing") else spec["depth"]
-    attention = 0.0
-    if spec["model"] == "monai_vit":
-        attention = 0  # SDPA is memory-efficient; the time cap is what stops it
-    return per_layer * (layers + 1) + attention
+    """Peak estimate: (N, C) tensors kept per block (all blocks, or one plus the block inputs)."""
+    per_token = spec["dim"] * 4  # bytes of one (N, C) row
+    per_block = 8 if spec.get("memory_lean") else 20  # (N, C)-sized tensors alive per block
+    if spec.get("checkpointing"):
+        return tokens_of(spec) * per_token * (per_block + spec["depth"] + 6)
+    return tokens_of(spec) * per_token * (per_block * spec["depth"] + 6)
 
 
 def _quadratic(variant: str) -> bool:
@@ -69,7 +71,7 @@ def _growth(prev: dict[str, Any], spec: dict[str, Any]) -> float:
     if spec["kind"] == "attention":
         ratio = spec["tokens"] / prev["tokens"]
         return ratio**2 if _quadratic(spec["variant"]) else ratio
-    ratio = (spec["volume"] / prev["volume"]) ** 3
+    ratio = tokens_of(spec) / tokens_of(prev)
     return ratio**2 if _quadratic(spec["model"]) else ratio
 
 
@@ -90,6 +92,11 @@ def run_suite(s: SuiteSettings) -> dict[str, list[Result]]:
                   "dim": s.dim, "depth": s.depth, "heads": s.heads, "device": s.device} for v in s.volumes]  # fmt: skip
         steps += run_series(specs, predicted_bytes=_train_bytes, **caps)
     results["train_step"] = steps
+    if not s.quick:
+        specs = [{"kind": "train_step", "model": "seqnorm", "checkpointing": True, "memory_lean": True, "volume": v,
+                  "patch": 4, "dim": s.dim, "depth": s.depth, "heads": s.heads, "device": s.device}
+                 for v in ([256, 256, 256], [512, 512, 256])]  # fmt: skip
+        results["scale"] = run_series(specs, predicted_bytes=_train_bytes, **dict(caps, timeout_s=900.0))
     return results
 
 
@@ -121,4 +128,8 @@ def ratios(results: dict[str, list[Result]], s: SuiteSettings) -> list[tuple[str
     peak = results["matmul"][0].flops_per_s if results["matmul"][0].ok else None
     out.append((f"training step @{volume}³: model FLOP/s / measured fp32 matmul peak",
                 ours.flops_per_s / peak if ours and peak else None, ">= 0.60"))  # fmt: skip
+    if "scale" in results:
+        fits = [tokens_of(r.spec) for r in results["scale"] if r.ok]
+        out.append(("largest token count with a training step (checkpointing + memory-lean, patch 4)",
+                    max(fits) if fits else None, ">= 1,048,576 within 24 GiB"))  # fmt: skip
     return out
