@@ -36,9 +36,9 @@ log = logging.getLogger("make_demo_data")
 CLASSES = ("lesion", "no_lesion")
 MANIFEST_COLUMNS = ["path", "label", "split", "lesion_center_vox_x", "lesion_center_vox_y",
                     "lesion_center_vox_z", "lesion_radius_mm"]  # fmt: skip
-FORMAT_VERSION = 1  # bump when the generator changes, so old sets are rebuilt
-LESION_RADIUS_MM = (4.0, 9.0)  # per ellipsoid axis
-LESION_CONTRAST = (0.4, 0.9)  # lesion intensity = (1 + contrast) x local white-matter intensity
+FORMAT_VERSION = 2  # bump when the generator changes, so old sets are rebuilt
+LESION_RADIUS_MM = (8.0, 16.0)  # per ellipsoid axis
+LESION_CONTRAST = (0.5, 1.0)  # lesion intensity = (1 + contrast) x local white-matter intensity
 
 
 class UserError(Exception):

@@ -40,13 +40,20 @@ def test_preprocessing_output_shape_is_target(target, spacing):
     [
         ((20, 18, 14), 4, (20, 20, 16)),
         ((16, 16, 16), 8, (16, 16, 16)),
-        ((9, 5, 3), [4, 2, 8], (12, 6, 8)),
-        ((1, 1, 1), 4, (4, 4, 4)),
+        ((9, 5, 9), [4, 2, 8], (12, 6, 16)),
+        ((4, 4, 4), 4, (4, 4, 4)),
     ],
 )
 def test_preprocessing_without_target_pads_to_patch_multiple(shape, patch, expected):
     out = build_preprocessing(settings(target_shape=None), patch)(subject(torch.rand(1, *shape)))
     assert tuple(out.image.shape[1:]) == expected
+
+
+@pytest.mark.parametrize("target_shape", [None, [16, 16, 16]], ids=["native-grid", "target-shape"])
+def test_preprocessing_refuses_a_scan_smaller_than_one_patch(target_shape):
+    """Padding 3 voxels up to a patch of 4 (or to a 16³ target) would classify mostly padding."""
+    with pytest.raises(VolumetricError, match=r"3×4×4 voxels .* smaller than one 4×4×4 patch"):
+        build_preprocessing(settings(target_shape=target_shape), 4)(subject(torch.rand(1, 3, 4, 4)))
 
 
 def test_preprocessing_resamples_to_spacing_from_file(tmp_path):

@@ -1,7 +1,8 @@
 """The deterministic preprocessing pipeline shared by training, evaluation and inference.
 
-    canonical (RAS+) orientation → resample to the configured spacing → intensity normalization
-      → crop-or-pad to the target shape, or pad the native grid up to a patch multiple
+    canonical (RAS+) orientation → resample to the configured spacing → refuse scans smaller than
+      one patch → intensity normalization → crop-or-pad to the target shape, or pad the native
+      grid up to a patch multiple
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torchio as tio
 
 from transforms.ct_window import CTWindow
 from transforms.foreground_zscore import ForegroundZNormalization
+from transforms.min_shape import RequireMinimumShape
 
 
 def build_preprocessing(data: dict[str, Any], patch_size: int | list[int]) -> tio.Compose:
@@ -21,6 +23,8 @@ def build_preprocessing(data: dict[str, Any], patch_size: int | list[int]) -> ti
         steps.append(tio.ToCanonical())
     if data.get("spacing") is not None:
         steps.append(tio.Resample(data["spacing"]))
+    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+    steps.append(RequireMinimumShape(patch))
     intensity = data.get("intensity", "zscore")
     if intensity == "zscore":
         steps.append(ForegroundZNormalization())
@@ -34,6 +38,5 @@ def build_preprocessing(data: dict[str, Any], patch_size: int | list[int]) -> ti
     if data.get("target_shape") is not None:
         steps.append(tio.CropOrPad(tuple(data["target_shape"])))
     else:
-        patch = patch_size if isinstance(patch_size, int) else tuple(patch_size)
         steps.append(tio.EnsureShapeMultiple(patch, method="pad"))
     return tio.Compose(steps)

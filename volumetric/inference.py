@@ -54,7 +54,7 @@ class Predictor:
                 logits = self.model(image)  # (1, num_classes)
         except VolumetricError as error:
             return Prediction(scan, error=str(error))
-        except (RuntimeError, ValueError) as error:  # e.g. a scan too small for one patch, out of memory
+        except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
             return Prediction(scan, error=f"{scan}: {str(error).strip().splitlines()[0]}")
         return Prediction(scan, probs=logits.float().softmax(dim=1)[0].tolist())
 

@@ -48,6 +48,28 @@ def _check_header(path: Path) -> None:
         raise VolumetricError(f"{path}: header claims {shape} voxels ({voxels:.2e}); refusing to load it")
 
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _read_nifti(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """NIfTI through nibabel, which is strict where SimpleITK (TorchIO's first choice) is not: ITK's
+    reader zero-fills a truncated .nii.gz and turns NaN voxels into 0 without a word. Returns
+    (C, W, H, D) data in TorchIO's layout (a 4D series becomes channels) and the RAS affine."""
+    import nibabel as nib
+
+    image = nib.load(str(path), mmap=False)
+    data = np.asarray(image.get_fdata(dtype=np.float32))
+    if data.ndim == 5 and data.shape[3] == 1:  # (W, H, D, 1, C): NIfTI's vector-valued form
+        data = data[:, :, :, 0]
+    if data.ndim == 4:  # (W, H, D, C) → (C, W, H, D)
+        data = data.transpose(3, 0, 1, 2)
+    elif data.ndim <= 3:  # (W[, H[, D]]) → (1, W, H, D)
+        data = data.reshape((1, *data.shape, *([1] * (3 - data.ndim))))
+    else:
+        raise ValueError(f"a {data.ndim}D array of shape {data.shape} is not a volume")
+    return torch.from_numpy(np.ascontiguousarray(data)), np.asarray(image.affine, dtype=np.float64)
+
+
 def read_scan(path: Path) -> tio.ScalarImage:
     """Read a scan through TorchIO (orientation and spacing honoured) and check that it is a usable
     3D volume; every problem is a VolumetricError naming the file."""
@@ -60,7 +82,8 @@ def read_scan(path: Path) -> tio.ScalarImage:
         if not os.access(path, os.R_OK):
             raise VolumetricError(f"{path}: permission denied")
         _check_header(path)
-    image = tio.ScalarImage(path)
+    nifti = path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+    image = tio.ScalarImage(path, reader=_read_nifti) if nifti else tio.ScalarImage(path)
     try:
         with warnings.catch_warnings():  # TorchIO warns before falling back from SimpleITK to nibabel
             warnings.simplefilter("ignore")
@@ -91,7 +114,10 @@ def load_subject(path: Path, preprocess: tio.Transform, in_channels: int = 1) ->
     # TorchIO draws a random number in every transform call, deterministic ones included: keep the
     # global RNG untouched, so that augmentation does not depend on which scans were cached
     with torch.random.fork_rng(devices=[]):
-        return preprocess(tio.Subject(image=image))
+        try:
+            return preprocess(tio.Subject(image=image))
+        except VolumetricError as error:  # raised by a preprocessing step, which does not know the file
+            raise VolumetricError(f"{path}: {error}") from None
 
 
 class ScanDataset(Dataset):
