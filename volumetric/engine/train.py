@@ -179,9 +179,10 @@ def train(
                     logits = model(images)  # (B, num_classes)
                 loss = criterion(logits.float(), labels)
                 if not torch.isfinite(loss):
+                    kept = f"{last_path} holds the last good state" if last_path.exists() else "no checkpoint was saved yet"
                     raise VolumetricError(
                         f"training loss became {loss.item()} at epoch {epoch + 1}, step {step}; stopped. "
-                        f"{last_path} holds the last good state (lower train.lr, or check the scans)"
+                        f"{kept} (lower train.lr, or check the scans)"
                     )
                 scaler.scale(loss / t.grad_accum_steps).backward()
                 loss_sum += loss.item() * len(labels)

@@ -120,6 +120,12 @@ class _SeqNormAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        # backward may run inside the caller's autocast region; it must stay float32 like forward
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            return _SeqNormAttentionFn._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: Tensor):
         q, k, v, mu_q, std_q, r_q, mu_k, std_k, r_k, mu_v, s = ctx.saved_tensors
         n = q.shape[-2]
         g = g.to(q.dtype)
