@@ -94,9 +94,11 @@ def run_suite(s: SuiteSettings) -> dict[str, list[Result]]:
     results["train_step"] = steps
     if not s.quick:
         specs = [{"kind": "train_step", "model": "seqnorm", "checkpointing": True, "memory_lean": True, "volume": v,
-                  "patch": 4, "dim": s.dim, "depth": s.depth, "heads": s.heads, "device": s.device}
+                  "single": True, "patch": 4, "dim": s.dim, "depth": s.depth, "heads": s.heads, "device": s.device}
                  for v in ([256, 256, 256], [512, 512, 256])]  # fmt: skip
-        results["scale"] = run_series(specs, predicted_bytes=_train_bytes, **dict(caps, timeout_s=900.0))
+        # the target is "within 24 GiB": this section is capped there, not at --memory-cap-gib
+        results["scale"] = run_series(specs, predicted_bytes=_train_bytes,
+                                      **dict(caps, timeout_s=900.0, memory_cap_bytes=24 * 2**30))
     return results
 
 

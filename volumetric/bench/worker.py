@@ -53,6 +53,12 @@ def measure(spec: dict, *, min_reps: int = 3, max_reps: int = 10, budget_s: floa
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    if spec.get("single"):  # a scale case: one step, first-call costs included; the peak is what matters
+        reset = _reset_peak_rss()
+        seconds = timed()
+        peak = torch.cuda.max_memory_allocated(device) if cuda else _status_kib("VmHWM") * 1024 - base_rss
+        return {"median_s": seconds, "reps": 1, "warmup_s": 0.0, "peak_bytes": peak if cuda or reset else float("nan"),
+                "flops": flops, "flops_per_s": flops / seconds}  # fmt: skip
     warmup = timed()  # first call: allocator, kernels, lazy initialisation
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
