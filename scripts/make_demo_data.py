@@ -7,7 +7,7 @@ gamma change and Rician noise. Subjects of class ``lesion`` also carry one soft-
 ellipsoid inside the brain (random size, orientation, place and contrast), added before the
 degradations so that it is degraded like the rest of the scan.
 
-    python scripts/make_demo_data.py OUTPUT_DIR [--n-train 200] [--n-test 60] [--seed 0] [--spacing 3] [--force]
+    python scripts/make_demo_data.py OUTPUT_DIR [--n-train 400] [--n-test 100] [--seed 0] [--spacing 3] [--force]
 
 writes ``{train,test}/{lesion,no_lesion}/sub-XXXX.nii.gz`` (int16, MR-like units) and
 ``manifest.csv`` (lesion centres in output voxels, equivalent-sphere radii in mm). The same arguments
@@ -36,9 +36,9 @@ log = logging.getLogger("make_demo_data")
 CLASSES = ("lesion", "no_lesion")
 MANIFEST_COLUMNS = ["path", "label", "split", "lesion_center_vox_x", "lesion_center_vox_y",
                     "lesion_center_vox_z", "lesion_radius_mm"]  # fmt: skip
-FORMAT_VERSION = 2  # bump when the generator changes, so old sets are rebuilt
+FORMAT_VERSION = 3  # bump when the generator changes, so old sets are rebuilt
 LESION_RADIUS_MM = (8.0, 16.0)  # per ellipsoid axis
-LESION_CONTRAST = (0.5, 1.0)  # lesion intensity = (1 + contrast) x local white-matter intensity
+LESION_CONTRAST = (0.6, 1.2)  # lesion intensity = (1 + contrast) x local white-matter intensity
 
 
 class UserError(Exception):
@@ -174,7 +174,7 @@ def is_complete(output: Path, args: dict) -> bool:
     return len(paths) == args["n_train"] + args["n_test"] and all((output / path).is_file() for path in paths)
 
 
-def build_dataset(output: Path, n_train: int = 200, n_test: int = 60, seed: int = 0, spacing: float = 3.0,
+def build_dataset(output: Path, n_train: int = 400, n_test: int = 100, seed: int = 0, spacing: float = 3.0,
                   force: bool = False) -> bool:  # fmt: skip
     """Write the data set to ``output``; returns False when an identical complete set is already there."""
     output = Path(output)
@@ -229,8 +229,8 @@ def build_dataset(output: Path, n_train: int = 200, n_test: int = 60, seed: int 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="folder to write the data set to")
-    parser.add_argument("--n-train", type=int, default=200, help="training volumes, half with a lesion (200)")
-    parser.add_argument("--n-test", type=int, default=60, help="held-out test volumes, half with a lesion (60)")
+    parser.add_argument("--n-train", type=int, default=400, help="training volumes, half with a lesion (400)")
+    parser.add_argument("--n-test", type=int, default=100, help="held-out test volumes, half with a lesion (100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--spacing", type=float, default=3.0, help="isotropic voxel size in mm (3.0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical set exists")
