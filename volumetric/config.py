@@ -40,6 +40,7 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute each block in backward: activation memory of one block
     memory_lean: bool = False  # MLP in token chunks, hidden layer recomputed in backward (very long scans)
     pool: str = "mean"  # mean over tokens (diffuse findings) or max (small focal findings)
+    arch: str = "vit3d"  # vit3d (this method) or densenet121 (MONAI's CNN baseline; ViT keys ignored)
     in_channels: int = 1
 
 
@@ -85,7 +86,11 @@ class Config:
         m, d, t = self.model, self.data, self.train
         from volumetric.models.vit3d import check_model_arguments
 
-        model_arguments = {k: v for k, v in asdict(m).items() if k not in ("grad_checkpointing", "memory_lean")}
+        from volumetric.models.registry import ARCHITECTURES
+
+        if m.arch not in ARCHITECTURES:
+            raise VolumetricError(f"config model.arch={m.arch!r} is not one of {ARCHITECTURES}")
+        model_arguments = {k: v for k, v in asdict(m).items() if k not in ("grad_checkpointing", "memory_lean", "arch")}
         try:
             check_model_arguments(**model_arguments)
         except ValueError as error:  # the message starts with the argument's name

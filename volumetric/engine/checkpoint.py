@@ -17,13 +17,15 @@ import torch
 from volumetric import __version__
 from volumetric.errors import VolumetricError
 from volumetric.io import atomic_torch_save
-from volumetric.models.vit3d import VolumeTransformer
+from torch import nn
+
+from volumetric.models.registry import build_model
 
 FORMAT = "volumetric-checkpoint"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: Path, *, model: VolumeTransformer, model_args: dict[str, Any], class_names: list[str],
+def save_checkpoint(path: Path, *, model: nn.Module, model_args: dict[str, Any], class_names: list[str],
                     preprocessing: dict[str, Any], config: dict[str, Any], **state: Any) -> None:  # fmt: skip
     """Write a checkpoint atomically; ``state`` adds training state (optimizer, epoch, history, ...)."""
     atomic_torch_save(
@@ -67,10 +69,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> VolumeTransformer:
+def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Rebuild the model with its saved arguments and weights (eval mode, on the CPU)."""
     try:
-        model = VolumeTransformer(**checkpoint["model_args"])
+        model = build_model(checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0]
