@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import volumetric.engine.train as train_module
+from volumetric.models.vit3d import VolumeTransformer
 from test_cli import assert_one_line_error, assert_same_weights, train, weights, write_config
 from volumetric.engine.checkpoint import load_checkpoint
 from volumetric.io import atomic_path, atomic_write_text
@@ -93,14 +93,14 @@ def test_kill_9_then_resume_reaches_the_same_weights(reference, tiny_dataset_sha
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_shared, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    forward = train_module.VolumeTransformer.forward
+    forward = VolumeTransformer.forward
 
     def poisoned(self, x):
         calls["n"] += 1
         out = forward(self, x)
         return out * float("nan") if self.training and calls["n"] > 6 else out  # epoch 1 (4 batches) is clean
 
-    monkeypatch.setattr(train_module.VolumeTransformer, "forward", poisoned)
+    monkeypatch.setattr(VolumeTransformer, "forward", poisoned)
     run = tmp_path / "run"
     assert train(tiny_dataset_shared, run, write_config(tmp_path / "tiny.yaml"), "--train.epochs=3") == 2
     line = assert_one_line_error(capsys, "volumetric-train", "nan", "epoch 2", "last.pt")
@@ -110,7 +110,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_shared, 
 
 
 def test_nan_loss_before_any_checkpoint_says_so(tiny_dataset_shared, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_module.VolumeTransformer, "forward", lambda self, x: torch.full((len(x), 2), float("nan")))
+    monkeypatch.setattr(VolumeTransformer, "forward", lambda self, x: torch.full((len(x), 2), float("nan")))
     run = tmp_path / "run"
     assert train(tiny_dataset_shared, run, write_config(tmp_path / "tiny.yaml")) == 2
     line = assert_one_line_error(capsys, "volumetric-train", "nan", "epoch 1")
@@ -142,3 +142,13 @@ def test_atomic_write_is_a_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", spy)
     atomic_write_text(tmp_path / "a.txt", "complete")
     assert replaced == [(tmp_path, "complete", tmp_path / "a.txt")]
+
+
+def test_atomic_write_gives_a_normal_file_mode(tmp_path):
+    """mkstemp creates 0600 files; results must get the mode any file the user writes gets."""
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "p.csv", "x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p.csv").stat().st_mode & 0o777 == 0o640
