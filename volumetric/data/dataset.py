@@ -105,7 +105,12 @@ def read_scan(path: Path) -> tio.ScalarImage:
 
 def load_subject(path: Path, preprocess: tio.Transform, in_channels: int = 1) -> tio.Subject:
     """Read and preprocess one scan into a Subject whose ``image`` is (C, W, H, D) float32."""
-    image = read_scan(path)
+    return preprocess_scan(path, read_scan(path), preprocess, in_channels)
+
+
+def preprocess_scan(path: Path, image: tio.ScalarImage, preprocess: tio.Transform, in_channels: int = 1) -> tio.Subject:
+    """Preprocess ``image`` (as `read_scan` gave it for ``path``, left unchanged) into a Subject whose
+    ``image`` is (C, W, H, D) float32; errors are VolumetricErrors naming ``path``."""
     if image.num_channels != in_channels:
         raise VolumetricError(
             f"{path}: scan has {image.num_channels} channels or time points, the model takes {in_channels} "

@@ -104,16 +104,24 @@ class VolumeTransformer(nn.Module):
     def patch_size(self) -> tuple[int, int, int]:
         return self.patch_embed.patch_size
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C_in, W, H, D) → normalized tokens (B, N, C)."""
+    def embed(self, x: Tensor) -> Tensor:
+        """(B, C_in, W, H, D) → the tokens entering the first block (B, N, C): patch embedding plus the
+        position embedding of the grid ``self.patch_embed.grid(x.shape[2:])``, token n = (i·h + j)·d + k."""
         tokens, grid = self.patch_embed(x)  # (B, N, C)
-        tokens = tokens + sincos_pos_embed_3d(grid, self.embed_dim, device=x.device).to(tokens.dtype)
+        return tokens + sincos_pos_embed_3d(grid, self.embed_dim, device=x.device).to(tokens.dtype)
+
+    def forward_blocks(self, tokens: Tensor) -> Tensor:
+        """Tokens (B, N, C) from `embed` → normalized tokens (B, N, C) after every block."""
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, use_reentrant=False)
             else:
                 tokens = block(tokens)
         return self.norm(tokens)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C_in, W, H, D) → normalized tokens (B, N, C)."""
+        return self.forward_blocks(self.embed(x))
 
     def forward_head(self, tokens: Tensor) -> Tensor:
         """(B, N, C) → logits (B, num_classes): mean or max over tokens, then a linear layer."""
