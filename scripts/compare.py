@@ -8,7 +8,8 @@ Every model gets the same data, preprocessing, augmentation, optimiser and epoch
 (configs/demo.yaml; only the model changes), is trained with volumetric-train, and its best
 checkpoint is evaluated with volumetric-evaluate on the held-out test split. Each training runs in
 its own process so that its peak memory (resident-set high-water mark) is its own. Finished runs are
-reused, interrupted ones resumed, so the script can be run again at no cost. Writes a Markdown table.
+reused (runs/compare/<model>-<epochs>ep), interrupted ones resumed, so the script can be run again at
+no cost. Each budget and model set is its own section of the Markdown output, replaced on a re-run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from volumetric.bench.report import write_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -53,7 +56,7 @@ def run(command: list[str]) -> tuple[float, float]:
 
 
 def train_and_evaluate(name: str, args: argparse.Namespace) -> dict:
-    run_dir = args.runs / name
+    run_dir = args.runs / f"{name}-{args.epochs}ep"
     record = run_dir / "compare.json"
     settings = {"epochs": args.epochs, "config": str(args.config), "overrides": MODELS[name]}
     if record.exists() and json.loads(record.read_text()).get("settings") == settings:
@@ -86,7 +89,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
         return "n/a" if value is None else format(value, spec)
 
     lines = [
-        "# Accuracy: seq-norm vs softmax vs DenseNet121",
+        f"## {args.epochs}-epoch budget",
         "",
         f"Produced by `{command}` on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}), "
@@ -130,10 +133,8 @@ def main() -> int:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(args.data)], check=True)
     results = {name: train_and_evaluate(name, args) for name in args.models}
     text = report(results, args, command)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.output)
+    write_markdown(args.output, text, f"compare {args.epochs} epochs {' '.join(args.models)}",
+                   title="# Accuracy: seq-norm vs softmax attention vs MONAI DenseNet121")
     print(text)
     return 0
 

@@ -19,6 +19,7 @@ from transforms import build_preprocessing
 from volumetric.cli import evaluate_main, infer_main, train_main
 from volumetric.data.dataset import load_subject
 from volumetric.engine.checkpoint import load_checkpoint, save_checkpoint
+from volumetric.models.registry import build_model
 from volumetric.models.vit3d import VolumeTransformer
 
 METRIC_HEADER = ["epoch", "step", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy",
@@ -82,7 +83,8 @@ def trained_run(tiny_dataset_shared: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def test_train_writes_run_folder(trained_run):
-    assert sorted(p.name for p in trained_run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.csv"]
+    assert sorted(p.name for p in trained_run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "learning_curves.png",
+                                                             "metrics.csv", "tensorboard"]  # fmt: skip
     header, rows = read_csv(trained_run / "metrics.csv")
     assert header == METRIC_HEADER
     assert [int(r["epoch"]) for r in rows] == [1, 2]
@@ -105,7 +107,7 @@ def test_checkpoint_is_self_describing(trained_run):
     assert state["preprocessing"]["target_shape"] == [16, 16, 16]
     assert state["preprocessing"]["patch_size"] == 4
     assert state["epoch"] == 2
-    model = VolumeTransformer(**state["model_args"])
+    model = build_model(state["model_args"])
     model.load_state_dict(state["model"])  # the weights fit the arguments it carries
     assert 1 <= load_checkpoint(trained_run / "best.pt")["epoch"] <= 2
 
@@ -127,7 +129,7 @@ def test_same_seed_same_weights(trained_run, tiny_dataset_shared, tmp_path):
     assert_same_weights(first, second)
     # training did move the weights: a fresh model of the same seed differs
     torch.manual_seed(0)
-    fresh = VolumeTransformer(**load_checkpoint(run / "last.pt")["model_args"]).state_dict()
+    fresh = build_model(load_checkpoint(run / "last.pt")["model_args"]).state_dict()
     assert not torch.equal(fresh["patch_embed.proj.weight"], first["patch_embed.proj.weight"])
 
 

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from volumetric import __version__
 from volumetric.config import apply_overrides, config_from_dict, load_config
+from volumetric.engine.distributed import is_main
 from volumetric.engine.interrupt import TrainingInterrupted
 from volumetric.errors import VolumetricError
 
@@ -37,7 +38,9 @@ def _run(argv: Sequence[str] | None, parser: argparse.ArgumentParser, body: Call
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --train.epochs=5)")
     else:
         args, overrides = parser.parse_args(argv), []
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # under torchrun only rank 0 reports progress; the other processes log warnings and errors only
+    level = logging.INFO if is_main() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return body(args, overrides) or 0
     except (VolumetricError, ValueError) as error:  # ValueError: a bad argument the library rejected
@@ -46,7 +49,8 @@ def _run(argv: Sequence[str] | None, parser: argparse.ArgumentParser, body: Call
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stopped:
-        print(f"{parser.prog}: {stopped}", file=sys.stderr)
+        if is_main():  # every process stops at the same step; one says so
+            print(f"{parser.prog}: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
@@ -61,7 +65,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("data", help="training data: root/<class>/*.nii.gz, or a CSV manifest with path,label")
     parser.add_argument("--val", help="validation data in the same form (default: a stratified split of DATA)")
     parser.add_argument("--config", help="YAML config (default: built-in defaults; with --resume, the run's own)")
-    parser.add_argument("--output-dir", required=True, help="run folder: checkpoints, metrics.csv, config.yaml")
+    parser.add_argument("--output-dir", required=True,
+                        help="run folder: checkpoints, metrics.csv, config.yaml, learning_curves.png, tensorboard/")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
     parser.epilog = "Any config value can be overridden: --train.epochs=5 --model.attention=softmax"
     return _run(argv, parser, _train, allow_overrides=True)
@@ -81,6 +86,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         config.train.device = args.device
     result = train(config, discover(args.data), discover(args.val) if args.val else None, args.output_dir,
                    resume=args.resume, progress=not args.no_progress)  # fmt: skip
+    if not is_main():  # under torchrun: rank 0 reports
+        return 0
     best = result.best_metrics
     summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("val_accuracy", "val_balanced_accuracy", "val_auroc") if k in best)
     print(f"best epoch {result.best_epoch}: {summary or 'no validation set'}")
@@ -95,7 +102,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser("volumetric-evaluate", "Metrics of a checkpoint on a labelled data set.")
     parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
     parser.add_argument("data", help="labelled data: root/<class>/*.nii.gz, or a CSV manifest with path,label")
-    parser.add_argument("--output-dir", required=True, help="where metrics.json and predictions.csv go")
+    parser.add_argument("--output-dir", required=True,
+                        help="where metrics.json, predictions.csv, confusion_matrix.png and roc.png go")
     return _run(argv, parser, _evaluate)
 
 
@@ -104,8 +112,19 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.output_dir, device=args.device or "auto",
                                   progress=not args.no_progress)  # fmt: skip
-    print(json.dumps(metrics, indent=2))
-    print(f"wrote {Path(args.output_dir) / 'metrics.json'} and {Path(args.output_dir) / 'predictions.csv'}")
+
+    def number(key: str) -> str:
+        return "undefined" if metrics[key] is None else f"{metrics[key]:.4f}"
+
+    ci = metrics["auroc_ci95"]
+    interval = f" (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {metrics['auroc_bootstrap']['used']} resamples)" if ci else ""
+    print(f"{metrics['num_scans']} scans: accuracy {number('accuracy')}, balanced accuracy "
+          f"{number('balanced_accuracy')}, AUROC {number('auroc')}{interval}, loss {number('loss')}")
+    if metrics["auroc_note"]:
+        print(metrics["auroc_note"])
+    names = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png")
+    written = [Path(args.output_dir) / name for name in names]
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
@@ -117,6 +136,13 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
     parser.add_argument("inputs", nargs="+", help="scan files, or folders searched recursively for scans")
     parser.add_argument("--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    parser.add_argument("--maps", metavar="DIR", help="write DIR/<scan>_relevance.nii.gz (on the scan's own grid) "
+                        "and DIR/<scan>_relevance.png: gradient × input on the patch tokens, predicted class")
+    parser.add_argument("--tta", type=int, default=0, metavar="N", help="test-time augmentation: N random "
+                        "flips (and the training's affine) besides the scan; adds prob_std_<class> (default 0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --tta views (default 0)")
+    parser.add_argument("--map-steps", type=int, default=16, metavar="M", help="gradient evaluations per --maps "
+                        "map, along a path from an empty scan (default 16; 1: plain gradient × input, fastest)")
     parser.epilog = "Exit status: 0 all scans classified, 1 some scans failed (see the error column), 2 user error."
     return _run(argv, parser, _infer)
 
@@ -128,10 +154,17 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
     scans = find_scans(args.inputs)
     if not scans:
         raise VolumetricError(f"no scans found in {' '.join(args.inputs)}")
-    predictor = Predictor(args.checkpoint, device=args.device or "auto")
-    predictions = predict_to_csv(predictor, scans, Path(args.output), progress=not args.no_progress)
+    if args.tta < 0:
+        raise VolumetricError(f"--tta {args.tta}: the number of augmented passes must be 0 (off) or more")
+    if args.map_steps < 1:
+        raise VolumetricError(f"--map-steps {args.map_steps}: at least 1 gradient evaluation is needed")
+    predictor = Predictor(args.checkpoint, device=args.device or "auto", tta=args.tta, seed=args.seed,
+                          map_steps=args.map_steps)  # fmt: skip
+    maps = Path(args.maps) if args.maps else None
+    predictions = predict_to_csv(predictor, scans, Path(args.output), progress=not args.no_progress, maps=maps)
     failed = sum(1 for p in predictions if p.error)
-    print(f"wrote {len(predictions)} rows to {args.output} ({failed} failed)")
+    print(f"wrote {len(predictions)} rows to {args.output} ({failed} failed)"
+          + (f"; relevance maps in {maps}" if maps else ""))  # fmt: skip
     return 1 if failed else 0
 
 

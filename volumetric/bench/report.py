@@ -83,10 +83,11 @@ def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, section: str, marker: str) -> None:
-    """Replace the section between ``<!-- marker -->`` lines of ``path`` (appending it if new)."""
+def write_markdown(path: Path, section: str, marker: str, title: str = "# Benchmarks") -> None:
+    """Replace the section between ``<!-- marker -->`` lines of ``path`` (appending it if new; a new
+    file starts with ``title``)."""
     begin, end = f"<!-- {marker} begin -->", f"<!-- {marker} end -->"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    old = path.read_text() if path.exists() else title + "\n"
     block = f"{begin}\n{section}{end}\n"
     if begin in old and end in old:
         new = old[: old.index(begin)] + block + old[old.index(end) + len(end) + 1 :]

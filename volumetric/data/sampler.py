@@ -1,4 +1,5 @@
-"""EpochSampler: the shuffled order of one epoch, fixed by (seed, epoch), resumable mid-epoch."""
+"""EpochSampler: the shuffled order of one epoch, fixed by (seed, epoch), resumable mid-epoch, and
+split into equal shards when several processes train together."""
 
 from __future__ import annotations
 
@@ -9,22 +10,54 @@ from torch.utils.data import Sampler
 
 
 class EpochSampler(Sampler[int]):
-    """Yields a permutation of range(n) drawn from (seed, epoch), skipping its first ``start`` items.
+    """Yields this process's share of a permutation of range(n) drawn from (seed, epoch).
+
+    One process (``num_replicas=1``): the permutation itself, less its first ``start`` items.
+
+    Several processes: every rank draws the same permutation, drops the first ``start`` items (the
+    part of the epoch that is done, counted over all ranks), pads the rest to a multiple of
+    ``num_replicas`` by repeating items from the start of the permutation (as DistributedSampler
+    does, so that every rank runs the same number of batches), and takes every ``num_replicas``-th
+    item from position ``rank``. The shards are disjoint but for the padding and together cover
+    the rest of the epoch. Rank r at its k-th item sits at position ``k * num_replicas + r`` of the
+    epoch, so ``start = k * num_replicas`` continues exactly where each rank stopped after k items.
 
     A run resumed in the middle of an epoch sees exactly the items an uninterrupted run would have
     seen next. Set ``epoch`` and ``start`` before iterating.
     """
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, *, num_replicas: int = 1, rank: int = 0):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank} must be in [0, num_replicas={num_replicas})")
         self.n, self.seed = n, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.start = 0, 0
 
     def order(self) -> list[int]:
+        """The whole epoch's permutation, the same on every rank."""
         generator = torch.Generator().manual_seed(self.seed * 100_019 + self.epoch)
         return torch.randperm(self.n, generator=generator).tolist()
 
+    def shard(self) -> list[int]:
+        """The items this rank yields, in order."""
+        order = self.order()
+        rest = order[min(self.start, self.n) :]
+        if self.num_replicas == 1:
+            return rest
+        padding = -len(rest) % self.num_replicas
+        if rest and padding:
+            rest += (order * (padding // len(order) + 1))[:padding]
+        return rest[self.rank :: self.num_replicas]
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start :])
+        return iter(self.shard())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        rest = max(self.n - self.start, 0)
+        return -(-rest // self.num_replicas)
+
+
+def strided_shard(n: int, rank: int, num_replicas: int) -> list[int]:
+    """Items rank, rank + num_replicas, ... of range(n): disjoint shards, no padding, together all of
+    range(n) exactly once (for validation, where a repeated scan would count twice)."""
+    return list(range(rank, n, num_replicas))

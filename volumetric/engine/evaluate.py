@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices, discover
 from volumetric.device import autocast, autocast_dtype, resolve_device
 from volumetric.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from volumetric.engine.metrics import classification_metrics
+from volumetric.engine.metrics import classification_metrics, evaluation_report, roc_curves
+from volumetric.engine.plots import plot_confusion_matrix, plot_roc
 from volumetric.io import atomic_write_csv, atomic_write_text
 
 
@@ -66,8 +68,14 @@ def evaluate_checkpoint(
     device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
-) -> dict[str, float]:
-    """Metrics of a checkpoint on a labelled data set; writes metrics.json and predictions.csv."""
+    bootstrap_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of a checkpoint on a labelled data set (see ``evaluation_report``).
+
+    Writes to output_dir: metrics.json, predictions.csv, confusion_matrix.png and roc.png. The
+    AUROC confidence interval is a ``bootstrap_resamples``-fold bootstrap seeded with ``seed``.
+    """
     state = load_checkpoint(checkpoint)
     class_names = state["class_names"]
     pairs = class_indices(discover(data), class_names, data)
@@ -78,9 +86,13 @@ def evaluate_checkpoint(
     model = model_from_checkpoint(state, checkpoint).to(run_device)
     result = predict(model, DataLoader(dataset, batch_size=1), run_device, autocast_dtype(run_device, precision),
                      progress=progress)  # fmt: skip
-    metrics = {"num_scans": len(dataset), **result.metrics()}
+    metrics = evaluation_report(result.probs, result.labels, class_names, loss=result.loss,
+                                bootstrap_resamples=bootstrap_resamples, seed=seed)  # fmt: skip
     output_dir = Path(output_dir)
-    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    plot_confusion_matrix(metrics["confusion_matrix"]["matrix"], class_names, output_dir / "confusion_matrix.png")
+    plot_roc(roc_curves(result.probs, result.labels), class_names, output_dir / "roc.png",
+             macro_auroc=metrics["auroc"], note=metrics["auroc_note"])  # fmt: skip
     rows = []
     for probs, label, index in zip(result.probs.tolist(), result.labels.tolist(), result.indices.tolist()):
         best = max(range(len(probs)), key=probs.__getitem__)

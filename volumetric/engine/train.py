@@ -1,10 +1,18 @@
 """The training loop: AdamW, warm-up + cosine schedule, label smoothing, gradient accumulation,
-epoch validation, best/last checkpoints, metrics.csv, and exact resumption.
+epoch validation, best/last checkpoints, metrics.csv (plus TensorBoard logs and learning_curves.png,
+see run_log.py), and exact resumption.
 
 Every epoch reseeds the global RNG (augmentation, dropout) and draws its batch order from
 ``(seed, epoch)``, so a run resumed from ``last.pt`` follows the same path as one never stopped.
 SIGTERM or SIGINT saves a resumable ``last.pt`` after the current optimizer step (with the batch
 position and RNG state inside the epoch) and stops; ``kill -9`` loses at most the current epoch.
+
+Launched by torchrun, every process runs this same loop under DistributedDataParallel: each takes its
+shard of the epoch's permutation (batch_size is per process) and of the validation set, gradients
+are averaged at every optimizer step, and the validation predictions are gathered so that every
+process computes the same metrics over the whole set and takes the same best-checkpoint decision.
+Only rank 0 writes files. Stops are agreed: a signal to any process, or a NaN loss on any
+process, stops all of them at the same step.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -27,16 +37,18 @@ from transforms import build_augmentation, build_preprocessing
 from volumetric.config import Config, save_config
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices
-from volumetric.data.sampler import EpochSampler
+from volumetric.data.sampler import EpochSampler, strided_shard
 from volumetric.data.split import stratified_split
-from volumetric.device import autocast, autocast_dtype, configure_cpu_allocator, resolve_device
+from volumetric.device import autocast, autocast_dtype, configure_cpu_allocator
 from volumetric.engine.checkpoint import load_checkpoint, save_checkpoint
-from volumetric.engine.evaluate import predict
+from volumetric.engine.distributed import World, all_gather, all_reduce_max, all_reduce_sum, distributed_session
+from volumetric.engine.evaluate import Predictions, predict
 from volumetric.engine.interrupt import StopSignals, TrainingInterrupted
+from volumetric.engine.run_log import RunLog
 from volumetric.engine.schedule import warmup_cosine
 from volumetric.errors import VolumetricError
 from volumetric.io import atomic_write_csv
-from volumetric.models.vit3d import VolumeTransformer
+from volumetric.models.registry import build_model
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +85,52 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a VolumeTransformer on (path, class name) items; writes checkpoints and logs to output_dir."""
+    """Train a classifier (config.model.arch) on (path, class name) items; writes checkpoints and logs to output_dir."""
+    with distributed_session(config.train.device) as (world, device):
+        return _train(config, train_items, val_items, output_dir, resume=resume, progress=progress, world=world,
+                      device=device)
+
+
+def _agreed_signal(stop: StopSignals, world: World) -> int | None:
+    """The signal that stops the run, the same on every process: a collective, called by all at once."""
+    if not world.distributed:
+        return stop.signum
+    return int(all_reduce_max([stop.signum or 0]).item()) or None
+
+
+def _validate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None, world: World,
+              *, progress: bool, num_classes: int) -> Predictions:  # fmt: skip
+    """Predictions for the whole validation set, on every process: each predicts its own shard (no
+    scan twice), then the rows of all processes are gathered and put in dataset order."""
+    if not world.distributed:
+        return predict(model, loader, device, dtype, progress=progress, desc="validate")
+    if len(loader.sampler):
+        mine = predict(model, loader, device, dtype, progress=progress, desc="validate")
+        probs, labels, indices = mine.probs, mine.labels, mine.indices  # (n_r, num_classes), (n_r,), (n_r,)
+        loss_sum = mine.loss * len(labels)
+    else:  # more processes than validation scans: this one has none
+        probs, labels, indices = torch.zeros(0, num_classes), *torch.zeros(2, 0, dtype=torch.int64)
+        loss_sum = 0.0
+    indices = torch.cat(all_gather(indices.to(torch.int64)))  # (N,)
+    order = indices.argsort()
+    probs = torch.cat(all_gather(probs.float()))[order]  # (N, num_classes)
+    labels = torch.cat(all_gather(labels.to(torch.int64)))[order]  # (N,)
+    loss = all_reduce_sum([loss_sum]).item() / max(len(order), 1)
+    return Predictions(probs=probs, labels=labels, indices=indices[order], loss=loss)
+
+
+def _train(
+    config: Config,
+    train_items: list[tuple[Path, str]],
+    val_items: list[tuple[Path, str]] | None,
+    output_dir: str | Path,
+    *,
+    resume: bool,
+    progress: bool,
+    world: World,
+    device: torch.device,
+) -> TrainResult:
+    """One process's part of `train`: the whole run when alone, a DDP replica under torchrun."""
     t = config.train
     output_dir = Path(output_dir)
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
@@ -99,7 +156,6 @@ def train(
         )
     log.info("classes %s: %d training and %d validation scans", class_names, len(train_pairs), len(val_pairs))
 
-    device = resolve_device(t.device)
     dtype = autocast_dtype(device, t.precision)
     if device.type == "cpu":
         configure_cpu_allocator(memory_saving=config.model.grad_checkpointing or config.model.memory_lean)
@@ -110,15 +166,17 @@ def train(
     val_set = ScanDataset(val_pairs, preprocess, cache=t.cache, in_channels=config.model.in_channels)
     loader_args = dict(batch_size=t.batch_size, num_workers=t.num_workers, pin_memory=device.type == "cuda",
                        persistent_workers=t.num_workers > 0)  # fmt: skip
-    sampler = EpochSampler(len(train_set), t.seed)
+    # every process draws the same permutation per epoch and takes its own shard of it
+    sampler = EpochSampler(len(train_set), t.seed, num_replicas=world.size, rank=world.rank)
     # loaders draw their workers' base seeds from their own generators, not from the global RNG that
     # augmentation uses, so that creating an iterator does not shift the augmentation of a resumed run
     train_loader = DataLoader(train_set, sampler=sampler, generator=torch.Generator().manual_seed(t.seed), **loader_args)
-    val_loader = DataLoader(val_set, shuffle=False, generator=torch.Generator(), **loader_args)
-    batches_per_epoch = math.ceil(len(train_set) / t.batch_size)
+    val_loader = DataLoader(val_set, sampler=strided_shard(len(val_set), world.rank, world.size),
+                            generator=torch.Generator(), **loader_args)  # fmt: skip
+    batches_per_epoch = math.ceil(len(sampler) / t.batch_size)  # of this process
 
     model_args = {"num_classes": len(class_names), **asdict(config.model)}
-    model = VolumeTransformer(**model_args).to(device)
+    model = build_model(model_args).to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and norm weights
     optimizer = torch.optim.AdamW(
@@ -145,50 +203,84 @@ def train(
         scaler.load_state_dict(state["scaler"])
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
         best, best_epoch, partial = state["best_score"], state["best_epoch"], state.get("partial")
+        saved_world = state.get("world_size", 1)
+        if saved_world != world.size:
+            # an optimizer step covers world.size × batch_size scans: put the schedule where the same
+            # share of the training is done with this many processes (the step count goes on as it is)
+            share = start_epoch + (partial["batch"] * t.batch_size * saved_world / len(train_set) if partial else 0.0)
+            scheduler.last_epoch = round(share * steps_per_epoch) - 1
+            scheduler.step()
+            log.info("the run used %d process(es), this one %d: schedule moved to step %d of %d", saved_world,
+                     world.size, scheduler.last_epoch, total_steps)  # fmt: skip
         log.info("resuming %s after epoch %d%s", output_dir, start_epoch,
                  f", batch {partial['batch']}" if partial else "")  # fmt: skip
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "config.yaml")
+    train_model: nn.Module = model  # what the training step calls; `model` itself is saved and validated
+    if world.distributed:  # wraps after loading last.pt: DDP starts every process from rank 0's weights
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
     checkpoint_meta = dict(model_args=model_args, class_names=class_names,
                            preprocessing=preprocessing_settings(config), config=config.to_dict())  # fmt: skip
 
     def training_state(epochs_done: int, partial_epoch: dict | None = None) -> dict:
         return dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                     epoch=epochs_done, step=step, history=history, best_score=best, best_epoch=best_epoch,
-                    partial=partial_epoch)  # fmt: skip
+                    partial=partial_epoch, world_size=world.size)  # fmt: skip
 
-    with StopSignals() as stop:
+    # TensorBoard (OUTPUT_DIR/tensorboard/) and learning_curves.png: the one place the run log is created
+    with StopSignals() as stop, RunLog(output_dir, start_step=step, enabled=world.is_main) as run_log:
         for epoch in range(start_epoch, t.epochs):
             started = time.perf_counter()
             sampler.epoch = epoch
             if partial is not None:  # continue the interrupted epoch exactly where it stopped
-                sampler.start = partial["batch"] * t.batch_size
-                done, loss_sum, seen, elapsed = partial["batch"], partial["loss_sum"], partial["seen"], partial["seconds"]
-                torch.set_rng_state(partial["rng"])
+                saved_world = partial.get("world_size", 1)
+                same_world = saved_world == world.size
+                # the epoch's first items, over all processes, are done; the loss sums saved are totals over them
+                sampler.start = partial["batch"] * t.batch_size * saved_world
+                done = partial["batch"] if same_world else 0
+                loss_sum, seen = (partial["loss_sum"], partial["seen"]) if world.is_main else (0.0, 0)
+                elapsed = partial["seconds"]
+                rngs = partial.get("rngs") or [partial["rng"]]  # one RNG state per process
+                if same_world:
+                    torch.set_rng_state(rngs[world.rank])
+                else:  # another number of processes: the rest of the epoch gets a fresh draw
+                    torch.manual_seed((t.seed + world.rank) * 100_003 + epoch + 7919 * sampler.start)
                 partial = None
             else:
                 sampler.start, done, loss_sum, seen, elapsed = 0, 0, 0.0, 0, 0.0
-                torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation and dropout of this epoch
+                # augmentation and dropout of this epoch, different on each process
+                torch.manual_seed((t.seed + world.rank) * 100_003 + epoch)
+            epoch_batches = done + math.ceil(len(sampler) / t.batch_size)  # this process's batches in this epoch
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not progress, leave=False)
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and world.is_main),
+                       leave=False)  # fmt: skip
             for batch in bar:
                 images = batch["image"].to(device, non_blocking=True)  # (B, C, W, H, D)
                 labels = batch["label"].to(device)  # (B,)
-                with autocast(device, dtype):
-                    logits = model(images)  # (B, num_classes)
-                loss = criterion(logits.float(), labels)
-                if not torch.isfinite(loss):
-                    kept = f"{last_path} holds the last good state" if last_path.exists() else "no checkpoint was saved yet"
-                    raise VolumetricError(
-                        f"training loss became {loss.item()} at epoch {epoch + 1}, step {step}; stopped. "
-                        f"{kept} (lower train.lr, or check the scans)"
-                    )
-                scaler.scale(loss / t.grad_accum_steps).backward()
-                loss_sum += loss.item() * len(labels)
+                stepping = (done + 1) % t.grad_accum_steps == 0 or done + 1 >= epoch_batches
+                # DDP averages gradients in the backward of the batch that steps, not in those accumulated before
+                with train_model.no_sync() if world.distributed and not stepping else nullcontext():
+                    with autocast(device, dtype):
+                        logits = train_model(images)  # (B, num_classes)
+                    loss = criterion(logits.float(), labels)
+                    value = loss.item()
+                    # a NaN on any process makes the sum NaN: all processes stop at the same batch
+                    agreed = all_reduce_sum([value]).item() if world.distributed else value
+                    if not math.isfinite(agreed):
+                        kept = (f"{last_path} holds the last good state" if last_path.exists()
+                                else "no checkpoint was saved yet")  # fmt: skip
+                        bad = value if not math.isfinite(value) else agreed
+                        raise VolumetricError(
+                            f"training loss became {bad} at epoch {epoch + 1}, step {step}; stopped. "
+                            f"{kept} (lower train.lr, or check the scans)"
+                        )
+                    scaler.scale(loss / t.grad_accum_steps).backward()
+                loss_sum += value * len(labels)
                 seen += len(labels)
                 done += 1
-                if done % t.grad_accum_steps and done < batches_per_epoch:
+                if not stepping:
                     continue  # accumulate more batches before the optimizer step
                 if t.grad_clip > 0:
                     scaler.unscale_(optimizer)
@@ -198,23 +290,33 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-                if stop.signum is not None and done < batches_per_epoch:
+                run_log.log_step(step, loss.item())
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}")
+                signum = _agreed_signal(stop, world)
+                if signum is not None and done < epoch_batches:
                     elapsed += time.perf_counter() - started
-                    partial_epoch = dict(batch=done, loss_sum=loss_sum, seen=seen, seconds=elapsed,
-                                         rng=torch.get_rng_state())  # fmt: skip
-                    save_checkpoint(last_path, model=model, **checkpoint_meta, **training_state(epoch, partial_epoch))
+                    totals = all_reduce_sum([loss_sum, seen])  # over all processes
+                    rngs = [state[0] for state in all_gather(torch.get_rng_state()[None])]  # one per process
+                    partial_epoch = dict(batch=done, loss_sum=totals[0].item(), seen=int(totals[1].item()),
+                                         seconds=elapsed, rng=rngs[0], rngs=rngs, world_size=world.size)  # fmt: skip
+                    if world.is_main:
+                        resumable = training_state(epoch, partial_epoch)
+                        save_checkpoint(last_path, model=model, **checkpoint_meta, **resumable)
+                    # no process exits before last.pt is written: torchrun would stop the writer with it
+                    all_reduce_sum([0])
                     raise TrainingInterrupted(
-                        f"stopped by signal {stop.signum} in epoch {epoch + 1} after {done} batches; "
+                        f"stopped by signal {signum} in epoch {epoch + 1} after {done} batches; "
                         f"{last_path} saved, continue with --resume",
-                        stop.signum,
+                        signum,
                     )
 
+            loss_sum, seen = all_reduce_sum([loss_sum, seen]).tolist()  # mean over the scans of all processes
             row: dict[str, float] = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
                                      "train_loss": loss_sum / max(seen, 1)}  # fmt: skip
             val_metrics: dict[str, float] = {}
             if len(val_set):
-                val_metrics = predict(model, val_loader, device, dtype, progress=progress, desc="validate").metrics()
+                val_metrics = _validate(model, val_loader, device, dtype, world, progress=progress and world.is_main,
+                                        num_classes=len(class_names)).metrics()  # fmt: skip
                 row.update({f"val_{k}": v for k, v in val_metrics.items()})
             row["seconds"] = elapsed + time.perf_counter() - started
             history.append(row)
@@ -223,17 +325,22 @@ def train(
 
             # best: highest validation balanced accuracy, then lowest loss (without validation: the last epoch)
             score = [val_metrics["balanced_accuracy"], -val_metrics["loss"]] if val_metrics else [epoch, 0.0]
-            improved = score > best
+            improved = score > best  # the same on every process: all computed it from the same gathered rows
             if improved:
                 best, best_epoch = score, epoch + 1
-                save_checkpoint(best_path, model=model, **checkpoint_meta, **training_state(epoch + 1))
-            save_checkpoint(last_path, model=model, **checkpoint_meta, **training_state(epoch + 1))
-            atomic_write_csv(output_dir / "metrics.csv", METRIC_COLUMNS,
-                             [[r.get(c, "") for c in METRIC_COLUMNS] for r in history])  # fmt: skip
-            if stop.signum is not None:
+            if world.is_main:  # the only process that writes files
+                if improved:
+                    save_checkpoint(best_path, model=model, **checkpoint_meta, **training_state(epoch + 1))
+                save_checkpoint(last_path, model=model, **checkpoint_meta, **training_state(epoch + 1))
+                atomic_write_csv(output_dir / "metrics.csv", METRIC_COLUMNS,
+                                 [[r.get(c, "") for c in METRIC_COLUMNS] for r in history])  # fmt: skip
+                run_log.log_epoch(history)
+            # a collective: rank 0 reaches it only with its files written, so no process leaves before that
+            signum = _agreed_signal(stop, world)
+            if signum is not None:
                 raise TrainingInterrupted(
-                    f"stopped by signal {stop.signum} after epoch {epoch + 1}; {last_path} saved, continue with --resume",
-                    stop.signum,
+                    f"stopped by signal {signum} after epoch {epoch + 1}; {last_path} saved, continue with --resume",
+                    signum,
                 )
 
     return TrainResult(output_dir, class_names, best_epoch, history[best_epoch - 1], history)
