@@ -84,6 +84,11 @@ def train_and_evaluate(name: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it (the report is committed)."""
+    return path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+
+
 def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> str:
     def fmt(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
@@ -95,7 +100,7 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
         f"{os.cpu_count()} cores, torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}), "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
-        f"Data: the demo set (`scripts/make_demo_data.py`, {args.data}): brain MRI at 3 mm, lesion vs no lesion; "
+        f"Data: the demo set (`scripts/make_demo_data.py`, `{_shown(args.data)}`): brain MRI at 3 mm, lesion vs no lesion; "
         "training on `train/` (80/20 split for validation, best checkpoint by validation balanced accuracy), "
         "metrics on the held-out `test/` scans, never seen in training. Same preprocessing, augmentation, "
         f"optimiser and budget of {args.epochs} epochs for every model (`configs/demo.yaml`, only the model changes).",

@@ -24,7 +24,7 @@ echo "== 3/4 held-out evaluation on $DATA/test (scans never seen in training)"
 volumetric-evaluate "$RUN/best.pt" "$DATA/test" --output-dir "$RUN/test" --no-progress > /dev/null
 
 echo "== 4/4 inference on three single scans"
-mapfile -t SCANS < <(find "$DATA/test" -name '*.nii.gz' | sort | awk 'NR % 20 == 1' | head -n 3)
+mapfile -t SCANS < <(find "$DATA/test" -name '*.nii.gz' | sort | awk 'NR % 33 == 1' | head -n 3)
 volumetric-infer "$RUN/best.pt" "${SCANS[@]}" --output "$RUN/predictions.csv" --no-progress
 
 python - "$RUN" <<'PY'

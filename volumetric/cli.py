@@ -184,7 +184,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
-    from volumetric.bench.report import markdown, plot, write_markdown
+    from volumetric.bench.report import format_ratio, markdown, plot, write_markdown
     from volumetric.bench.suite import SuiteSettings, ratios, run_suite
     from volumetric.device import resolve_device
 
@@ -194,7 +194,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     results = run_suite(settings)
     measured = ratios(results, settings)
     for name, value, target in measured:
-        print(f"{name}: {'not measured' if value is None else f'{value:.3g}'} (target {target})")
+        print(f"{name}: {format_ratio(value)} (target {target})")
     command = "volumetric-bench " + " ".join(args.argv)
     marker = f"{'quick' if args.quick else 'full'}-{device.type}"
     write_markdown(Path(args.output), markdown(results, measured, settings, command.strip()), marker)

@@ -37,8 +37,10 @@ def _mem(r: Result) -> str:
     return f"{r.peak_bytes / 2**20:.0f}" if r.ok and not math.isnan(r.peak_bytes) else "–"
 
 
-def _ratio(value: float | None) -> str:
-    return "not measured" if value is None else f"{value:.3g}"
+def format_ratio(value: float | None) -> str:
+    if value is None:
+        return "not measured"
+    return f"{value:,.0f}" if value >= 1000 and float(value).is_integer() else f"{value:.3g}"
 
 
 def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command: str) -> str:
@@ -58,7 +60,7 @@ def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command
         "",
         "| ratio | measured | target |",
         "|---|---|---|",
-        *(f"| {name} | {_ratio(value)} | {target} |" for name, value, target in ratios),
+        *(f"| {name} | {format_ratio(value)} | {target} |" for name, value, target in ratios),
         "",
         "### Attention forward+backward (seconds, peak MiB)",
         "",
