@@ -148,21 +148,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Elementwise sum over the processes, in float64 on the CPU: (k,) → (k,)."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1)
+def _all_reduce(values: Sequence[float] | torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    tensor = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1)  # (k,)
     if not _active():
         return tensor.cpu()
     tensor = tensor.to(_comm_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=op)
     return tensor.cpu()
+
+
+def all_reduce_sum(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over the processes, in float64 on the CPU: (k,) → (k,)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Elementwise maximum over the processes, in float64 on the CPU: (k,) → (k,)."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1)
-    if not _active():
-        return tensor.cpu()
+    return _all_reduce(values, dist.ReduceOp.MAX)
     tensor = tensor.to(_comm_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.cpu()
