@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from volumetric.bench.cases import attention_flops, build, model_flops
+from volumetric.bench.cases import attention_flops, model_flops
 from volumetric.bench.report import markdown
 from volumetric.bench.runner import Result, run_series
 from volumetric.bench.suite import ATTENTION_ORDER, SuiteSettings, ratios

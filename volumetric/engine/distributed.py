@@ -165,9 +165,6 @@ def all_reduce_sum(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
 def all_reduce_max(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Elementwise maximum over the processes, in float64 on the CPU: (k,) → (k,)."""
     return _all_reduce(values, dist.ReduceOp.MAX)
-    tensor = tensor.to(_comm_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.cpu()
 
 
 def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
