@@ -31,7 +31,7 @@ from transforms.tta import build_tta
 from volumetric.data.dataset import preprocess_scan, read_scan
 from volumetric.device import autocast, autocast_dtype, resolve_device
 from volumetric.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from volumetric.errors import VolumetricError
+from volumetric.errors import VolumetricError, first_line
 from volumetric.explain.relevance import STEPS, RelevanceMap, relevance_map
 from volumetric.explain.save import map_names, save_relevance
 from volumetric.io import atomic_write_csv
@@ -106,7 +106,7 @@ class Predictor:
         except VolumetricError as error:
             return Prediction(scan, error=str(error))
         except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
-            return Prediction(scan, error=f"{scan}: {str(error).strip().splitlines()[0]}")
+            return Prediction(scan, error=f"{scan}: {first_line(error)}")
         passes = torch.stack([logits.float().softmax(dim=1)[0].cpu(), *probs])  # (1 + tta, num_classes)
         if not self.tta:
             return Prediction(scan, probs=passes[0].tolist(), relevance=relevance)

@@ -17,18 +17,13 @@ import torch
 import torchio as tio
 from torch.utils.data import Dataset
 
-from volumetric.errors import VolumetricError
+from volumetric.errors import VolumetricError, first_line
 
 log = logging.getLogger(__name__)
 
 
 MAX_VOXELS = 2**31
 """Scans whose header claims more voxels than this (8 GiB as float32) are refused before loading."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_header(path: Path) -> None:
@@ -91,7 +86,7 @@ def read_scan(path: Path) -> tio.ScalarImage:
     except MemoryError:
         raise VolumetricError(f"{path}: too large to load into memory") from None
     except Exception as error:  # nibabel, SimpleITK and TorchIO raise many types for a broken file
-        detail = _first_line(error)
+        detail = first_line(error)
         detail = "" if "not understood" in detail else f" ({detail})"  # TorchIO's generic message adds nothing
         raise VolumetricError(f"{path}: cannot read scan: not an image file, or truncated{detail}") from None
     spatial = image.spatial_shape

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from volumetric import __version__
-from volumetric.errors import VolumetricError
+from volumetric.errors import VolumetricError, first_line
 from volumetric.io import atomic_torch_save
 from torch import nn
 
@@ -52,8 +52,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported content"
-        raise VolumetricError(f"{path}: refused to load checkpoint: it is not a plain weights file ({first})") from None
+        raise VolumetricError(f"{path}: refused to load checkpoint: it is not a plain weights file "
+                              f"({first_line(error, 'unsupported content')})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise VolumetricError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
@@ -75,6 +75,5 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkp
         model = build_model(checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise VolumetricError(f"{path}: weights do not fit the model it describes ({first})") from None
+        raise VolumetricError(f"{path}: weights do not fit the model it describes ({first_line(error)})") from None
     return model.eval()

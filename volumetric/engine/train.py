@@ -290,7 +290,7 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                run_log.log_step(step, loss.item())
+                run_log.log_step(step, value)
                 bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}")
                 signum = _agreed_signal(stop, world)
                 if signum is not None and done < epoch_batches:

@@ -28,20 +28,22 @@ POOLS = ("mean", "max")
 
 def check_model_arguments(
     *,
+    in_channels: int,
+    patch_size: int | tuple[int, int, int] | list[int],
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    attention: str,
+    dropout: float,
+    pool: str,
     num_classes: int = 2,
-    in_channels: int = 1,
-    patch_size: int | tuple[int, int, int] | list[int] = 8,
-    embed_dim: int = 192,
-    depth: int = 6,
-    num_heads: int = 6,
-    mlp_ratio: float = 4.0,
-    attention: str = "seqnorm",
-    dropout: float = 0.0,
-    pool: str = "mean",
 ) -> None:
     """Raise a ValueError, starting with the argument's name, for any value VolumeTransformer cannot use.
 
-    Shared by the model and by `Config.validate`, so that a bad config fails before any data is read.
+    Shared by the model and by `Config.validate`, so that a bad config fails before any data is read
+    (before the classes are known: ``num_classes`` is then left at a valid placeholder). The
+    defaults are VolumeTransformer's; this check has none of its own to drift from them.
     """
     for name, value in [("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim),
                         ("depth", depth), ("num_heads", num_heads)]:  # fmt: skip
