@@ -13,6 +13,7 @@ from volumetric.config import apply_overrides, config_from_dict, load_config
 from volumetric.engine.distributed import is_main
 from volumetric.engine.interrupt import TrainingInterrupted
 from volumetric.errors import VolumetricError
+from volumetric.explain.relevance import STEPS
 
 log = logging.getLogger("volumetric")
 
@@ -140,8 +141,8 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tta", type=int, default=0, metavar="N", help="test-time augmentation: N random "
                         "flips (and the training's affine) besides the scan; adds prob_std_<class> (default 0: off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --tta views (default 0)")
-    parser.add_argument("--map-steps", type=int, default=16, metavar="M", help="gradient evaluations per --maps "
-                        "map, along a path from an empty scan (default 16; 1: plain gradient × input, fastest)")
+    parser.add_argument("--map-steps", type=int, default=STEPS, metavar="M", help="gradient evaluations per --maps "
+                        f"map, along a path from an empty scan (default {STEPS}; 1: plain gradient × input, fastest)")
     parser.epilog = "Exit status: 0 all scans classified, 1 some scans failed (see the error column), 2 user error."
     return _run(argv, parser, _infer)
 

@@ -35,7 +35,7 @@ def _check_header(path: Path) -> None:
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return  # SimpleITK cannot tell; TorchIO also tries nibabel, and reports its own error
+        return  # SimpleITK cannot tell; the reader below reports its own error
     size = reader.GetSize()
     voxels = int(np.prod(size, dtype=np.float64)) * reader.GetNumberOfComponents()
     if voxels > MAX_VOXELS:

@@ -48,10 +48,8 @@ class RunLog:
 
     def __init__(self, output_dir: str | Path, *, start_step: int = 0, enabled: bool = True) -> None:
         self.output_dir = Path(output_dir)
-        self.enabled = enabled
-        self.writer = None
-        if enabled:
-            self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
+        log_dir = str(self.output_dir / "tensorboard")
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step + 1) if enabled else None
 
     def log_step(self, step: int, loss: float) -> None:
         """After optimizer step ``step``: the loss of its last batch."""
