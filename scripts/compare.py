@@ -61,13 +61,30 @@ def train_and_evaluate(name: str, args: argparse.Namespace) -> dict:
     settings = {"epochs": args.epochs, "config": str(args.config), "overrides": MODELS[name]}
     if record.exists() and json.loads(record.read_text()).get("settings") == settings:
         return json.loads(record.read_text())  # finished earlier with the same settings
-    train = ["volumetric-train", str(args.data / "train"), "--config", str(args.config), "--output-dir", str(run_dir),
-             "--no-progress", f"--train.epochs={args.epochs}", *MODELS[name]]  # fmt: skip
+    train = [
+        "volumetric-train",
+        str(args.data / "train"),
+        "--config",
+        str(args.config),
+        "--output-dir",
+        str(run_dir),
+        "--no-progress",
+        f"--train.epochs={args.epochs}",
+        *MODELS[name],
+    ]
     if (run_dir / "last.pt").exists():
         train.append("--resume")
     _, peak_gib = run(train)
-    run(["volumetric-evaluate", str(run_dir / "best.pt"), str(args.data / "test"), "--output-dir",
-         str(run_dir / "test"), "--no-progress"])  # fmt: skip
+    run(
+        [
+            "volumetric-evaluate",
+            str(run_dir / "best.pt"),
+            str(args.data / "test"),
+            "--output-dir",
+            str(run_dir / "test"),
+            "--no-progress",
+        ]
+    )
     with (run_dir / "metrics.csv").open(newline="") as handle:
         epochs = list(csv.DictReader(handle))
     state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
@@ -118,10 +135,16 @@ def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
     if "seqnorm" in results and "softmax" in results:
         gap = results["seqnorm"]["test"]["accuracy"] - results["softmax"]["test"]["accuracy"]
         n = results["seqnorm"]["test"]["num_scans"]
-        lines += ["", f"Seq-norm minus softmax test accuracy: {100 * gap:+.1f} points on {n} test scans "
-                  f"(one scan is {100 / n:.1f} points)."]  # fmt: skip
-    lines += ["", "Time per epoch is the median over epochs of training plus validation, one process, "
-              "float32 on this machine; peak memory is the training process's resident-set high-water mark."]  # fmt: skip
+        lines += [
+            "",
+            f"Seq-norm minus softmax test accuracy: {100 * gap:+.1f} points on {n} test scans "
+            f"(one scan is {100 / n:.1f} points).",
+        ]
+    lines += [
+        "",
+        "Time per epoch is the median over epochs of training plus validation, one process, "
+        "float32 on this machine; peak memory is the training process's resident-set high-water mark.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -135,11 +158,17 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
     command = "./scripts/compare.sh" + "".join(f" {a}" for a in sys.argv[1:])
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(args.data)], check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(args.data)], check=True
+    )
     results = {name: train_and_evaluate(name, args) for name in args.models}
     text = report(results, args, command)
-    write_markdown(args.output, text, f"compare {args.epochs} epochs {' '.join(args.models)}",
-                   title="# Accuracy: seq-norm vs softmax attention vs MONAI DenseNet121")
+    write_markdown(
+        args.output,
+        text,
+        f"compare {args.epochs} epochs {' '.join(args.models)}",
+        title="# Accuracy: seq-norm vs softmax attention vs MONAI DenseNet121",
+    )
     print(text)
     return 0
 

@@ -34,8 +34,15 @@ from scipy import ndimage
 
 log = logging.getLogger("make_demo_data")
 CLASSES = ("lesion", "no_lesion")
-MANIFEST_COLUMNS = ["path", "label", "split", "lesion_center_vox_x", "lesion_center_vox_y",
-                    "lesion_center_vox_z", "lesion_radius_mm"]  # fmt: skip
+MANIFEST_COLUMNS = [
+    "path",
+    "label",
+    "split",
+    "lesion_center_vox_x",
+    "lesion_center_vox_y",
+    "lesion_center_vox_z",
+    "lesion_radius_mm",
+]
 FORMAT_VERSION = 3  # bump when the generator changes, so old sets are rebuilt
 LESION_RADIUS_MM = (8.0, 16.0)  # per ellipsoid axis
 LESION_CONTRAST = (0.6, 1.2)  # lesion intensity = (1 + contrast) x local white-matter intensity
@@ -53,9 +60,17 @@ def load_template(spacing: float) -> dict[str, np.ndarray]:
     try:
         from nilearn import datasets  # the demo extra; imported here so --help works without it
     except ImportError:
-        raise UserError("nilearn is not installed; install the demo extra: pip install -e '.[demo]'") from None
-    t1, gm, wm = (load(resolution=2) for load in (datasets.load_mni152_template, datasets.load_mni152_gm_template,
-                                                  datasets.load_mni152_wm_template))  # fmt: skip
+        raise UserError(
+            "nilearn is not installed; install the demo extra: pip install -e '.[demo]'"
+        ) from None
+    t1, gm, wm = (
+        load(resolution=2)
+        for load in (
+            datasets.load_mni152_template,
+            datasets.load_mni152_gm_template,
+            datasets.load_mni152_wm_template,
+        )
+    )
     step = float(t1.header.get_zooms()[0])
     factor = spacing / step
     shape = np.ceil(np.array(t1.shape) / factor).astype(int)
@@ -73,8 +88,12 @@ def load_template(spacing: float) -> dict[str, np.ndarray]:
     affine = t1.affine.copy()
     affine[:3, :3] *= factor
     affine[:3, 3] = t1.affine[:3, :3] @ np.full(3, 0.5 * factor - 0.5) + t1.affine[:3, 3]
-    return {"t1": t1_map / np.median(t1_map[wm_mask]), "tissue": (gm_map + wm_map) > 0.5,
-            "wm": wm_mask, "affine": affine}  # fmt: skip
+    return {
+        "t1": t1_map / np.median(t1_map[wm_mask]),
+        "tissue": (gm_map + wm_map) > 0.5,
+        "wm": wm_mask,
+        "affine": affine,
+    }
 
 
 def random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
@@ -87,14 +106,21 @@ def random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upsampler(size: int, control: int) -> np.ndarray:
     """(size, control) matrix doing 1-D cubic-spline upsampling of ``control`` values to ``size`` samples."""
-    return np.stack([ndimage.zoom(unit, size / control, order=3, mode="nearest", grid_mode=True)
-                     for unit in np.eye(control)], axis=1)  # fmt: skip
+    return np.stack(
+        [
+            ndimage.zoom(unit, size / control, order=3, mode="nearest", grid_mode=True)
+            for unit in np.eye(control)
+        ],
+        axis=1,
+    )
 
 
-def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int, std: float) -> np.ndarray:
+def smooth_field(
+    rng: np.random.Generator, shape: tuple[int, ...], control: int, std: float
+) -> np.ndarray:
     """A smooth random field: normal values on a ``control``^3 grid, cubic-spline upsampled to ``shape``.
 
     Spline upsampling is separable, so it is done one axis at a time with small matrices (fast).
@@ -105,18 +131,24 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int,
     return field.astype(np.float32)
 
 
-def add_lesion(volume: np.ndarray, template: dict, rng: np.random.Generator, spacing: float) -> dict:
+def add_lesion(
+    volume: np.ndarray, template: dict, rng: np.random.Generator, spacing: float
+) -> dict:
     """Blend a soft hyperintense ellipsoid, fully inside grey/white matter, into ``volume`` (in place)."""
     radii = rng.uniform(*LESION_RADIUS_MM, size=3) / spacing  # voxels, along the lesion's own axes
     rotation = random_rotation(rng, 180.0)
     half = int(np.ceil(radii.max())) + 2
     offsets = np.stack(np.meshgrid(*[np.arange(-half, half + 1)] * 3, indexing="ij"), axis=-1)
-    distance = np.sqrt((((offsets @ rotation) / radii) ** 2).sum(axis=-1))  # 1 on the ellipsoid surface
+    distance = np.sqrt(
+        (((offsets @ rotation) / radii) ** 2).sum(axis=-1)
+    )  # 1 on the ellipsoid surface
     # Candidate centres: where the whole ellipsoid (and a voxel of margin) lies inside the tissue mask.
     footprint = distance <= 1.0 + 1.0 / radii.min()
     inside = ndimage.binary_erosion(template["tissue"], structure=footprint, border_value=0)
     interior = np.zeros_like(inside)
-    interior[tuple(slice(half, n - half) for n in inside.shape)] = True  # the box around the centre fits too
+    interior[tuple(slice(half, n - half) for n in inside.shape)] = (
+        True  # the box around the centre fits too
+    )
     inside &= interior
     candidates = np.argwhere(inside)
     if len(candidates) == 0:
@@ -124,15 +156,18 @@ def add_lesion(volume: np.ndarray, template: dict, rng: np.random.Generator, spa
     centre = candidates[rng.integers(len(candidates))]
     box = tuple(slice(c - half, c + half + 1) for c in centre)
     wm_near = template["t1"][box][template["wm"][box]]
-    level = (1.0 + rng.uniform(*LESION_CONTRAST)) * (np.median(wm_near) if wm_near.size > 10 else 1.0)
+    level = (1.0 + rng.uniform(*LESION_CONTRAST)) * (
+        np.median(wm_near) if wm_near.size > 10 else 1.0
+    )
     edge_mm = 1.0  # width of the soft edge
     weight = 1.0 / (1.0 + np.exp((distance - 1.0) * radii.mean() * spacing / edge_mm))
     volume[box] = (1.0 - weight) * volume[box] + weight * level
     return {"centre": centre.astype(float), "radius_mm": float(np.prod(radii) ** (1 / 3) * spacing)}
 
 
-def make_subject(template: dict, rng: np.random.Generator, with_lesion: bool,
-                 spacing: float) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+def make_subject(
+    template: dict, rng: np.random.Generator, with_lesion: bool, spacing: float
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """One subject: (int16 volume, RAS affine, lesion info with output-voxel ``centre`` and ``radius_mm``)."""
     volume = template["t1"].copy()
     lesion = add_lesion(volume, template, rng, spacing) if with_lesion else {}
@@ -144,7 +179,11 @@ def make_subject(template: dict, rng: np.random.Generator, with_lesion: bool,
     shift = rng.uniform(-2.0, 2.0, size=3)
     elastic = np.stack([smooth_field(rng, shape, control=4, std=1.0) for _ in range(3)])
     grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij"))
-    source = np.tensordot(matrix, grid - c[:, None, None, None], axes=1) + (c + shift)[:, None, None, None] + elastic
+    source = (
+        np.tensordot(matrix, grid - c[:, None, None, None], axes=1)
+        + (c + shift)[:, None, None, None]
+        + elastic
+    )
     volume = ndimage.map_coordinates(volume, source, order=1, mode="constant", cval=0.0)
 
     volume *= np.exp(smooth_field(rng, shape, control=3, std=0.15))  # multiplicative bias field
@@ -157,7 +196,11 @@ def make_subject(template: dict, rng: np.random.Generator, with_lesion: bool,
         inverse, target = np.linalg.inv(matrix), lesion["centre"] - c - shift
         x = inverse @ target + c
         for _ in range(10):
-            x = inverse @ (target - [ndimage.map_coordinates(e, x[:, None], order=1)[0] for e in elastic]) + c
+            x = (
+                inverse
+                @ (target - [ndimage.map_coordinates(e, x[:, None], order=1)[0] for e in elastic])
+                + c
+            )
         lesion = {"centre": x, "radius_mm": lesion["radius_mm"] / np.linalg.det(matrix) ** (1 / 3)}
     return volume, template["affine"], lesion
 
@@ -171,32 +214,56 @@ def is_complete(output: Path, args: dict) -> bool:
             paths = [row["path"] for row in csv.DictReader(handle)]
     except (OSError, ValueError, KeyError):
         return False
-    return len(paths) == args["n_train"] + args["n_test"] and all((output / path).is_file() for path in paths)
+    return len(paths) == args["n_train"] + args["n_test"] and all(
+        (output / path).is_file() for path in paths
+    )
 
 
-def build_dataset(output: Path, n_train: int = 400, n_test: int = 100, seed: int = 0, spacing: float = 3.0,
-                  force: bool = False) -> bool:  # fmt: skip
+def build_dataset(
+    output: Path,
+    n_train: int = 400,
+    n_test: int = 100,
+    seed: int = 0,
+    spacing: float = 3.0,
+    force: bool = False,
+) -> bool:
     """Write the data set to ``output``; returns False when an identical complete set is already there."""
     output = Path(output)
-    args = {"n_train": n_train, "n_test": n_test, "seed": seed, "spacing": spacing, "version": FORMAT_VERSION}
+    args = {
+        "n_train": n_train,
+        "n_test": n_test,
+        "seed": seed,
+        "spacing": spacing,
+        "version": FORMAT_VERSION,
+    }
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} exists and is not a folder")
     if not force and is_complete(output, args):
         log.info("%s already holds this demo set; nothing to do (--force rebuilds it)", output)
         return False
-    if output.is_dir() and any(output.iterdir()) and not (output / ".demo_args.json").exists() and not force:
-        raise UserError(f"{output} is a non-empty folder that is not a demo set; choose another or pass --force")
+    if (
+        output.is_dir()
+        and any(output.iterdir())
+        and not (output / ".demo_args.json").exists()
+        and not force
+    ):
+        raise UserError(
+            f"{output} is a non-empty folder that is not a demo set; choose another or pass --force"
+        )
     started = time.perf_counter()
     template = load_template(spacing)
-    tmp = output.parent / f".{output.name}.partial"  # fixed name: a killed run's leftovers are cleared next time
+    tmp = (
+        output.parent / f".{output.name}.partial"
+    )  # fixed name: a killed run's leftovers are cleared next time
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         rows = []
         for index in range(n_train + n_test):
             split, position = ("train", index) if index < n_train else ("test", index - n_train)
             label = CLASSES[position % 2]
-            volume, affine, lesion = make_subject(template, np.random.default_rng([seed, index]), label == "lesion",
-                                                  spacing)  # fmt: skip
+            volume, affine, lesion = make_subject(
+                template, np.random.default_rng([seed, index]), label == "lesion", spacing
+            )
             path = Path(split, label, f"sub-{index + 1:04d}.nii.gz")
             image = nib.Nifti1Image(volume, affine)
             image.header.set_xyzt_units("mm")
@@ -205,12 +272,22 @@ def build_dataset(output: Path, n_train: int = 400, n_test: int = 100, seed: int
             (tmp / path).parent.mkdir(parents=True, exist_ok=True)
             nib.save(image, tmp / path)
             centre = [f"{v:.2f}" for v in lesion["centre"]] if lesion else ["", "", ""]
-            rows.append([path.as_posix(), label, split, *centre, f"{lesion['radius_mm']:.2f}" if lesion else ""])
+            rows.append(
+                [
+                    path.as_posix(),
+                    label,
+                    split,
+                    *centre,
+                    f"{lesion['radius_mm']:.2f}" if lesion else "",
+                ]
+            )
             if (index + 1) % 50 == 0:
                 log.info("%d/%d volumes", index + 1, n_train + n_test)
         with (tmp / "manifest.csv").open("w", newline="") as handle:
             csv.writer(handle).writerows([MANIFEST_COLUMNS, *rows])
-        (tmp / ".demo_args.json").write_text(json.dumps(args, indent=2) + "\n")  # last: marks the set complete
+        (tmp / ".demo_args.json").write_text(
+            json.dumps(args, indent=2) + "\n"
+        )  # last: marks the set complete
         if output.exists():  # move the old set aside first, so `output` is never a mix of both
             old = output.parent / f".{output.name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -221,23 +298,43 @@ def build_dataset(output: Path, n_train: int = 400, n_test: int = 100, seed: int
             tmp.rename(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %d volumes of %s voxels at %g mm to %s in %.1f s", len(rows), "x".join(map(str, volume.shape)),
-             spacing, output, time.perf_counter() - started)  # fmt: skip
+    log.info(
+        "wrote %d volumes of %s voxels at %g mm to %s in %.1f s",
+        len(rows),
+        "x".join(map(str, volume.shape)),
+        spacing,
+        output,
+        time.perf_counter() - started,
+    )
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="folder to write the data set to")
-    parser.add_argument("--n-train", type=int, default=400, help="training volumes, half with a lesion (400)")
-    parser.add_argument("--n-test", type=int, default=100, help="held-out test volumes, half with a lesion (100)")
+    parser.add_argument(
+        "output", type=Path, metavar="OUTPUT_DIR", help="folder to write the data set to"
+    )
+    parser.add_argument(
+        "--n-train", type=int, default=400, help="training volumes, half with a lesion (400)"
+    )
+    parser.add_argument(
+        "--n-test", type=int, default=100, help="held-out test volumes, half with a lesion (100)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--spacing", type=float, default=3.0, help="isotropic voxel size in mm (3.0)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if an identical set exists")
+    parser.add_argument(
+        "--spacing", type=float, default=3.0, help="isotropic voxel size in mm (3.0)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild even if an identical set exists"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     if args.n_train < 2 or args.n_test < 2 or args.seed < 0 or not 1.0 <= args.spacing <= 8.0:
-        parser.error("need --n-train >= 2, --n-test >= 2, --seed >= 0 and 1 <= --spacing <= 8")  # exits with 2
+        parser.error(
+            "need --n-train >= 2, --n-test >= 2, --seed >= 0 and 1 <= --spacing <= 8"
+        )  # exits with 2
     try:
         build_dataset(args.output, args.n_train, args.n_test, args.seed, args.spacing, args.force)
     except (UserError, OSError, ValueError) as error:

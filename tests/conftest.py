@@ -33,7 +33,9 @@ def make_tiny_dataset(root: Path) -> Path:
     for label, bright in (("healthy", False), ("lesion", True)):
         for i in range(10):
             suffix = ".nii.gz" if i % 2 else ".nii"
-            write_scan(root / label / f"scan{i:02d}{suffix}", blob_volume(rng, (20, 18, 16), bright))
+            write_scan(
+                root / label / f"scan{i:02d}{suffix}", blob_volume(rng, (20, 18, 16), bright)
+            )
     return root
 
 

@@ -13,21 +13,23 @@ import gzip
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_scan
 from test_cli import assert_one_line_error, read_csv, train, write_config
+
 from volumetric.cli import evaluate_main, infer_main
 
 
 def _truncated(path: Path) -> Path:
-    full = write_scan(path.with_name("full.nii.gz"), np.random.default_rng(0).normal(size=(20, 18, 16)))
+    full = write_scan(
+        path.with_name("full.nii.gz"), np.random.default_rng(0).normal(size=(20, 18, 16))
+    )
     data = full.read_bytes()
     full.unlink()
     path.write_bytes(data[: len(data) // 2])
@@ -79,7 +81,9 @@ def _absurd_header(path: Path) -> Path:
 
 
 def _smaller_than_a_patch(path: Path) -> Path:
-    return write_scan(path, np.random.default_rng(0).normal(size=(2, 2, 2)), spacing=(1.5, 1.5, 1.5))
+    return write_scan(
+        path, np.random.default_rng(0).normal(size=(2, 2, 2)), spacing=(1.5, 1.5, 1.5)
+    )
 
 
 BAD_SCANS: dict[str, tuple[Callable[[Path], Path], str]] = {
@@ -116,7 +120,10 @@ def test_bad_scan_in_training(bad_scan, tiny_dataset, tmp_path, capsys):
     scan, fragment = bad_scan
     shutil.copy(scan, tiny_dataset / "lesion" / "bad.nii.gz")
     run = tmp_path / "run"
-    assert train(tiny_dataset, run, write_config(tmp_path / "tiny.yaml"), "--train.val_fraction=0.5") == 2
+    assert (
+        train(tiny_dataset, run, write_config(tmp_path / "tiny.yaml"), "--train.val_fraction=0.5")
+        == 2
+    )
     assert_one_line_error(capsys, "volumetric-train", "bad.nii.gz", fragment)
     leftovers = [p.name for p in run.rglob("*") if p.name.endswith(".tmp")] if run.exists() else []
     assert leftovers == []
@@ -125,7 +132,15 @@ def test_bad_scan_in_training(bad_scan, tiny_dataset, tmp_path, capsys):
 def test_bad_scan_in_evaluation(bad_scan, trained_checkpoint, tmp_path, capsys):
     scan, fragment = bad_scan
     out = tmp_path / "eval"
-    code = evaluate_main([str(trained_checkpoint), str(scan.parent.parent), "--output-dir", str(out), "--no-progress"])
+    code = evaluate_main(
+        [
+            str(trained_checkpoint),
+            str(scan.parent.parent),
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert_one_line_error(capsys, "volumetric-evaluate", "bad.nii.gz", fragment)
     assert not (out / "metrics.json").exists()
@@ -133,24 +148,42 @@ def test_bad_scan_in_evaluation(bad_scan, trained_checkpoint, tmp_path, capsys):
 
 def test_bad_scan_in_inference(bad_scan, trained_checkpoint, tmp_path, capsys, caplog):
     scan, fragment = bad_scan
-    good = write_scan(tmp_path / "good.nii.gz", np.random.default_rng(1).normal(100, 10, (20, 18, 16)))
+    good = write_scan(
+        tmp_path / "good.nii.gz", np.random.default_rng(1).normal(100, 10, (20, 18, 16))
+    )
     output = tmp_path / "predictions.csv"
-    code = infer_main([str(trained_checkpoint), str(good), str(scan), "--output", str(output), "--no-progress"])
+    code = infer_main(
+        [str(trained_checkpoint), str(good), str(scan), "--output", str(output), "--no-progress"]
+    )
     assert code == 1
     _, rows = read_csv(output)
     assert [Path(r["path"]).name for r in rows] == ["good.nii.gz", "bad.nii.gz"]
     assert rows[0]["error"] == "" and rows[0]["prediction"] in ("healthy", "lesion")
-    assert rows[1]["prediction"] == "" and fragment in rows[1]["error"] and "bad.nii.gz" in rows[1]["error"]
+    assert (
+        rows[1]["prediction"] == ""
+        and fragment in rows[1]["error"]
+        and "bad.nii.gz" in rows[1]["error"]
+    )
     assert "Traceback" not in capsys.readouterr().err
     assert fragment in caplog.text  # the failure is also logged as it happens
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode"
+)
 def test_unreadable_scan(trained_checkpoint, tmp_path, capsys):
     scan = write_scan(tmp_path / "locked.nii.gz", np.zeros((8, 8, 8)))
     scan.chmod(0)
     try:
-        code = infer_main([str(trained_checkpoint), str(scan), "--output", str(tmp_path / "p.csv"), "--no-progress"])
+        code = infer_main(
+            [
+                str(trained_checkpoint),
+                str(scan),
+                "--output",
+                str(tmp_path / "p.csv"),
+                "--no-progress",
+            ]
+        )
     finally:
         scan.chmod(0o644)
     assert code == 1
@@ -161,9 +194,17 @@ def test_unreadable_scan(trained_checkpoint, tmp_path, capsys):
 def test_constant_volume_is_a_valid_scan(trained_checkpoint, tmp_path):
     """A constant volume (a blank scan, a phantom) is odd but not broken: z-scoring maps it to zeros,
     and the model gives finite probabilities."""
-    scans = [write_scan(tmp_path / "s" / f"{value}.nii.gz", np.full((20, 18, 16), value)) for value in (0.0, 1500.0)]
+    scans = [
+        write_scan(tmp_path / "s" / f"{value}.nii.gz", np.full((20, 18, 16), value))
+        for value in (0.0, 1500.0)
+    ]
     output = tmp_path / "p.csv"
-    assert infer_main([str(trained_checkpoint), *map(str, scans), "--output", str(output), "--no-progress"]) == 0
+    assert (
+        infer_main(
+            [str(trained_checkpoint), *map(str, scans), "--output", str(output), "--no-progress"]
+        )
+        == 0
+    )
     _, rows = read_csv(output)
     for row in rows:
         probs = [float(row["prob_healthy"]), float(row["prob_lesion"])]
@@ -176,7 +217,9 @@ def test_four_channel_scan_with_matching_model(tmp_path):
     from volumetric.data.dataset import load_subject
 
     scan = _time_series(tmp_path / "multi.nii.gz")
-    pipeline = build_preprocessing({"spacing": None, "target_shape": [16, 16, 16], "intensity": "zscore"}, 4)
+    pipeline = build_preprocessing(
+        {"spacing": None, "target_shape": [16, 16, 16], "intensity": "zscore"}, 4
+    )
     image = load_subject(scan, pipeline, in_channels=3).image.data
     assert image.shape == (3, 16, 16, 16) and torch.isfinite(image).all()
 
@@ -185,7 +228,11 @@ def test_four_channel_scan_with_matching_model(tmp_path):
 
 
 def _manifest(tmp_path: Path, dataset: Path, extra_rows: list[str]) -> Path:
-    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(dataset.rglob("*.nii*"))] + extra_rows
+    rows = (
+        ["path,label"]
+        + [f"{p},{p.parent.name}" for p in sorted(dataset.rglob("*.nii*"))]
+        + extra_rows
+    )
     path = tmp_path / "train.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -193,10 +240,14 @@ def _manifest(tmp_path: Path, dataset: Path, extra_rows: list[str]) -> Path:
 
 @pytest.mark.parametrize(
     "case,fragment",
-    [("empty-folder", "no scans found"), ("single-class", "at least 2 are needed"),
-     ("manifest-missing-path", "does not exist"), ("manifest-duplicate-row", "listed twice"),
-     ("val-label-not-in-training", "not among")],
-)  # fmt: skip
+    [
+        ("empty-folder", "no scans found"),
+        ("single-class", "at least 2 are needed"),
+        ("manifest-missing-path", "does not exist"),
+        ("manifest-duplicate-row", "listed twice"),
+        ("val-label-not-in-training", "not among"),
+    ],
+)
 def test_bad_data_set(case, fragment, tiny_dataset, tmp_path, capsys):
     extra: list[str] = []
     data, val = tiny_dataset, None

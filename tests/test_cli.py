@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_scan
 
 import volumetric.engine.train as train_module
-from conftest import write_scan
 from transforms import build_preprocessing
 from volumetric.cli import evaluate_main, infer_main, train_main
 from volumetric.data.dataset import load_subject
@@ -22,8 +22,17 @@ from volumetric.engine.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.models.registry import build_model
 from volumetric.models.vit3d import VolumeTransformer
 
-METRIC_HEADER = ["epoch", "step", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy",
-                 "val_auroc", "seconds"]  # fmt: skip
+METRIC_HEADER = [
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_auroc",
+    "seconds",
+]
 PREDICTION_HEADER = ["path", "prediction", "prob_healthy", "prob_lesion", "error"]
 TINY_CONFIG = {
     "model": {"patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2},
@@ -83,12 +92,20 @@ def trained_run(tiny_dataset_shared: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def test_train_writes_run_folder(trained_run):
-    assert sorted(p.name for p in trained_run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "learning_curves.png",
-                                                             "metrics.csv", "tensorboard"]  # fmt: skip
+    assert sorted(p.name for p in trained_run.iterdir()) == [
+        "best.pt",
+        "config.yaml",
+        "last.pt",
+        "learning_curves.png",
+        "metrics.csv",
+        "tensorboard",
+    ]
     header, rows = read_csv(trained_run / "metrics.csv")
     assert header == METRIC_HEADER
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert int(rows[-1]["step"]) == 2 * 4  # 16 training scans (20 less a 20% validation split) in batches of 4
+    assert (
+        int(rows[-1]["step"]) == 2 * 4
+    )  # 16 training scans (20 less a 20% validation split) in batches of 4
     for row in rows:
         assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) > 0
         assert math.isfinite(float(row["val_loss"]))
@@ -114,8 +131,16 @@ def test_checkpoint_is_self_describing(trained_run):
 
 def test_train_softmax_attention(tiny_dataset, tmp_path):
     run = tmp_path / "run"
-    assert train(tiny_dataset, run, write_config(tmp_path / "tiny.yaml"), "--model.attention=softmax",
-                 "--train.epochs=1") == 0  # fmt: skip
+    assert (
+        train(
+            tiny_dataset,
+            run,
+            write_config(tmp_path / "tiny.yaml"),
+            "--model.attention=softmax",
+            "--train.epochs=1",
+        )
+        == 0
+    )
     assert load_checkpoint(run / "last.pt")["model_args"]["attention"] == "softmax"
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["attention"] == "softmax"
     header, rows = read_csv(run / "metrics.csv")
@@ -145,12 +170,18 @@ def test_resume_continues_to_more_epochs(trained_run, tiny_dataset_shared, tmp_p
     assert int(rows[2]["step"]) == 3 * 4
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
-    assert any(not torch.equal(a, b) for a, b in zip(weights(trained_run / "last.pt").values(),
-                                                      weights(run / "last.pt").values()))  # fmt: skip
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            weights(trained_run / "last.pt").values(), weights(run / "last.pt").values()
+        )
+    )
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
-def test_interrupted_run_resumes_exactly(cache, trained_run, tiny_dataset_shared, tmp_path, monkeypatch, capsys):
+def test_interrupted_run_resumes_exactly(
+    cache, trained_run, tiny_dataset_shared, tmp_path, monkeypatch, capsys
+):
     """Stop a 2-epoch run during epoch 2 (after epoch 1 was saved) and resume it: the final weights must
     equal those of the run that was never stopped (train.py: "a run resumed from last.pt follows the
     same path as one never stopped")."""
@@ -197,16 +228,30 @@ def check_prediction_rows(rows: list[dict[str, str]]) -> None:
 
 def test_infer_other_size_and_folder(trained_run, tiny_dataset_shared, tmp_path):
     rng = np.random.default_rng(1)
-    other = write_scan(tmp_path / "scans" / "other.nii.gz", rng.normal(100, 10, (30, 26, 22)), spacing=(1.2, 1.2, 1.2))
+    other = write_scan(
+        tmp_path / "scans" / "other.nii.gz",
+        rng.normal(100, 10, (30, 26, 22)),
+        spacing=(1.2, 1.2, 1.2),
+    )
     output = tmp_path / "out" / "predictions.csv"
-    code = infer_main([str(trained_run / "best.pt"), str(other), str(tiny_dataset_shared / "lesion"),
-                       "--output", str(output), "--no-progress"])  # fmt: skip
+    code = infer_main(
+        [
+            str(trained_run / "best.pt"),
+            str(other),
+            str(tiny_dataset_shared / "lesion"),
+            "--output",
+            str(output),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     header, rows = read_csv(output)
     assert header == PREDICTION_HEADER
     assert len(rows) == 1 + 10
     assert rows[0]["path"] == str(other)
-    assert [Path(r["path"]).name for r in rows[1:]] == sorted(p.name for p in (tiny_dataset_shared / "lesion").iterdir())
+    assert [Path(r["path"]).name for r in rows[1:]] == sorted(
+        p.name for p in (tiny_dataset_shared / "lesion").iterdir()
+    )
     check_prediction_rows(rows)
 
 
@@ -216,13 +261,28 @@ def test_infer_bad_scan_gets_an_error_row(trained_run, tmp_path):
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"this is not a NIfTI file")
     output = tmp_path / "p.csv"
-    assert infer_main([str(trained_run / "last.pt"), str(good), str(broken), "--output", str(output),
-                       "--no-progress"]) == 1  # fmt: skip
+    assert (
+        infer_main(
+            [
+                str(trained_run / "last.pt"),
+                str(good),
+                str(broken),
+                "--output",
+                str(output),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     header, rows = read_csv(output)
     assert header == PREDICTION_HEADER
     check_prediction_rows(rows[:1])
     assert rows[1]["path"] == str(broken)
-    assert rows[1]["prediction"] == "" and rows[1]["prob_healthy"] == "" and "broken.nii.gz" in rows[1]["error"]
+    assert (
+        rows[1]["prediction"] == ""
+        and rows[1]["prob_healthy"] == ""
+        and "broken.nii.gz" in rows[1]["error"]
+    )
 
 
 def test_infer_native_grid_any_size(tmp_path):
@@ -230,16 +290,33 @@ def test_infer_native_grid_any_size(tmp_path):
     torch.manual_seed(0)
     model_args = dict(num_classes=2, patch_size=4, embed_dim=24, depth=1, num_heads=2)
     model = VolumeTransformer(**model_args)
-    preprocessing = {"spacing": None, "target_shape": None, "intensity": "zscore", "ct_window": [-1000.0, 1000.0],
-                     "canonical": True, "patch_size": 4}  # fmt: skip
+    preprocessing = {
+        "spacing": None,
+        "target_shape": None,
+        "intensity": "zscore",
+        "ct_window": [-1000.0, 1000.0],
+        "canonical": True,
+        "patch_size": 4,
+    }
     checkpoint = tmp_path / "native.pt"
-    save_checkpoint(checkpoint, model=model, model_args=model_args, class_names=["healthy", "lesion"],
-                    preprocessing=preprocessing, config={})  # fmt: skip
+    save_checkpoint(
+        checkpoint,
+        model=model,
+        model_args=model_args,
+        class_names=["healthy", "lesion"],
+        preprocessing=preprocessing,
+        config={},
+    )
     rng = np.random.default_rng(3)
-    scans = [write_scan(tmp_path / "s" / f"{i}.nii.gz", rng.normal(100, 10, shape))
-             for i, shape in enumerate([(8, 8, 8), (30, 26, 22)])]  # fmt: skip
+    scans = [
+        write_scan(tmp_path / "s" / f"{i}.nii.gz", rng.normal(100, 10, shape))
+        for i, shape in enumerate([(8, 8, 8), (30, 26, 22)])
+    ]
     output = tmp_path / "p.csv"
-    assert infer_main([str(checkpoint), str(tmp_path / "s"), "--output", str(output), "--no-progress"]) == 0
+    assert (
+        infer_main([str(checkpoint), str(tmp_path / "s"), "--output", str(output), "--no-progress"])
+        == 0
+    )
     _, rows = read_csv(output)
     check_prediction_rows(rows)
     pipeline = build_preprocessing(preprocessing, 4)
@@ -263,8 +340,18 @@ def nib_shape(path: Path) -> tuple[int, ...]:
 
 def test_evaluate_writes_metrics(trained_run, tiny_dataset_shared, tmp_path):
     out = tmp_path / "eval"
-    assert evaluate_main([str(trained_run / "best.pt"), str(tiny_dataset_shared), "--output-dir", str(out),
-                          "--no-progress"]) == 0  # fmt: skip
+    assert (
+        evaluate_main(
+            [
+                str(trained_run / "best.pt"),
+                str(tiny_dataset_shared),
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_scans"] == 20
     for key in ("accuracy", "balanced_accuracy", "auroc"):
@@ -279,8 +366,15 @@ def test_evaluate_writes_metrics(trained_run, tiny_dataset_shared, tmp_path):
 
 def test_evaluate_unknown_label_is_an_error(trained_run, tmp_path, capsys):
     write_scan(tmp_path / "data" / "tumour" / "a.nii", np.zeros((8, 8, 8)))
-    code = evaluate_main([str(trained_run / "best.pt"), str(tmp_path / "data"), "--output-dir", str(tmp_path / "o"),
-                          "--no-progress"])  # fmt: skip
+    code = evaluate_main(
+        [
+            str(trained_run / "best.pt"),
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert_one_line_error(capsys, "volumetric-evaluate", "tumour")
 
@@ -296,24 +390,36 @@ def test_error_missing_data_folder(tmp_path, capsys):
 
 
 def test_error_unknown_config_key(tiny_dataset, tmp_path, capsys):
-    code = train(tiny_dataset, tmp_path / "run", write_config(tmp_path / "tiny.yaml"), "--train.bogus=1")
+    code = train(
+        tiny_dataset, tmp_path / "run", write_config(tmp_path / "tiny.yaml"), "--train.bogus=1"
+    )
     assert code == 2
     assert_one_line_error(capsys, "volumetric-train", "train.bogus")
     assert not (tmp_path / "run").exists()
 
 
 def test_error_bad_config_value(tiny_dataset, tmp_path, capsys):
-    code = train(tiny_dataset, tmp_path / "run", write_config(tmp_path / "tiny.yaml"), "--data.target_shape=[15,16,16]")
+    code = train(
+        tiny_dataset,
+        tmp_path / "run",
+        write_config(tmp_path / "tiny.yaml"),
+        "--data.target_shape=[15,16,16]",
+    )
     assert code == 2
     assert_one_line_error(capsys, "volumetric-train", "target_shape")
 
 
-@pytest.mark.parametrize("main,prog", [(infer_main, "volumetric-infer"), (evaluate_main, "volumetric-evaluate")])
+@pytest.mark.parametrize(
+    "main,prog", [(infer_main, "volumetric-infer"), (evaluate_main, "volumetric-evaluate")]
+)
 def test_error_missing_checkpoint(main, prog, tiny_dataset, tmp_path, capsys):
     missing = tmp_path / "missing.pt"
     scan = next((tiny_dataset / "healthy").iterdir())
-    args = [str(scan), "--output", str(tmp_path / "p.csv")] if main is infer_main else \
-        [str(tiny_dataset), "--output-dir", str(tmp_path / "o")]  # fmt: skip
+    args = (
+        [str(scan), "--output", str(tmp_path / "p.csv")]
+        if main is infer_main
+        else [str(tiny_dataset), "--output-dir", str(tmp_path / "o")]
+    )
     assert main([str(missing), *args, "--no-progress"]) == 2
     assert_one_line_error(capsys, prog, "missing.pt")
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "o").exists()
@@ -323,15 +429,23 @@ def test_error_corrupt_and_unsafe_checkpoints(tiny_dataset, tmp_path, capsys):
     scan = str(next((tiny_dataset / "healthy").iterdir()))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
-    assert infer_main([str(garbage), scan, "--output", str(tmp_path / "p.csv"), "--no-progress"]) == 2
+    assert (
+        infer_main([str(garbage), scan, "--output", str(tmp_path / "p.csv"), "--no-progress"]) == 2
+    )
     assert_one_line_error(capsys, "volumetric-infer", "garbage.pt")
     unsafe = tmp_path / "unsafe.pt"
-    torch.save({"format": "volumetric-checkpoint", "payload": Path("x")}, unsafe)  # a pickled class: not weights-only
-    assert infer_main([str(unsafe), scan, "--output", str(tmp_path / "p.csv"), "--no-progress"]) == 2
+    torch.save(
+        {"format": "volumetric-checkpoint", "payload": Path("x")}, unsafe
+    )  # a pickled class: not weights-only
+    assert (
+        infer_main([str(unsafe), scan, "--output", str(tmp_path / "p.csv"), "--no-progress"]) == 2
+    )
     assert_one_line_error(capsys, "volumetric-infer", "unsafe.pt")
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    assert infer_main([str(foreign), scan, "--output", str(tmp_path / "p.csv"), "--no-progress"]) == 2
+    assert (
+        infer_main([str(foreign), scan, "--output", str(tmp_path / "p.csv"), "--no-progress"]) == 2
+    )
     assert_one_line_error(capsys, "volumetric-infer", "not a volumetric checkpoint")
 
 
@@ -354,8 +468,18 @@ def test_error_resume_without_a_run(tiny_dataset, tmp_path, capsys):
 
 def test_error_no_scans_for_inference(trained_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert infer_main([str(trained_run / "last.pt"), str(tmp_path / "empty"), "--output", str(tmp_path / "p.csv"),
-                       "--no-progress"]) == 2  # fmt: skip
+    assert (
+        infer_main(
+            [
+                str(trained_run / "last.pt"),
+                str(tmp_path / "empty"),
+                "--output",
+                str(tmp_path / "p.csv"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert_one_line_error(capsys, "volumetric-infer", "no scans")
 
 
@@ -366,8 +490,14 @@ def test_unknown_flag_is_a_usage_error(tiny_dataset, tmp_path, capsys):
     assert "--bogus" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override,key", [("--model.embed_dim=25", "embed_dim"), ("--model.dropout=1.5", "dropout"),
-                                          ("--model.patch_size=[4,4]", "patch_size")])  # fmt: skip
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("--model.embed_dim=25", "embed_dim"),
+        ("--model.dropout=1.5", "dropout"),
+        ("--model.patch_size=[4,4]", "patch_size"),
+    ],
+)
 def test_error_bad_model_argument_is_one_line(override, key, tiny_dataset, tmp_path, capsys):
     """Model arguments the config does not check reach VolumeTransformer, whose ValueError (design.md §6:
     "a VolumetricError (or ValueError) that the CLI turns into one line and exit status 2") must not
@@ -385,8 +515,10 @@ def test_error_bad_model_argument_is_one_line(override, key, tiny_dataset, tmp_p
 
 def test_train_with_separate_val_and_manifest(tiny_dataset, tmp_path):
     """Training data from a CSV manifest (relative paths), validation from a class-folder tree."""
-    rows = ["path,label"] + [f"data/{p.parent.name}/{p.name},{p.parent.name}"
-                             for p in sorted(tiny_dataset.rglob("scan0[0-5]*"))]  # fmt: skip
+    rows = ["path,label"] + [
+        f"data/{p.parent.name}/{p.name},{p.parent.name}"
+        for p in sorted(tiny_dataset.rglob("scan0[0-5]*"))
+    ]
     manifest = tmp_path / "train.csv"
     manifest.write_text("\n".join(rows) + "\n")
     val = tmp_path / "val"
@@ -394,7 +526,17 @@ def test_train_with_separate_val_and_manifest(tiny_dataset, tmp_path):
         (val / p.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(p, val / p.parent.name / p.name)
     run = tmp_path / "run"
-    assert train(manifest, run, write_config(tmp_path / "tiny.yaml"), "--val", str(val), "--train.epochs=1") == 0
+    assert (
+        train(
+            manifest,
+            run,
+            write_config(tmp_path / "tiny.yaml"),
+            "--val",
+            str(val),
+            "--train.epochs=1",
+        )
+        == 0
+    )
     _, rows_out = read_csv(run / "metrics.csv")
     assert int(rows_out[0]["step"]) == 3  # all 12 manifest scans train (no split), batches of 4
     assert rows_out[0]["val_accuracy"] != ""
@@ -402,8 +544,16 @@ def test_train_with_separate_val_and_manifest(tiny_dataset, tmp_path):
 
 def test_train_without_validation(tiny_dataset, tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(tiny_dataset, run, write_config(tmp_path / "tiny.yaml"), "--train.val_fraction=0",
-                 "--train.epochs=1") == 0  # fmt: skip
+    assert (
+        train(
+            tiny_dataset,
+            run,
+            write_config(tmp_path / "tiny.yaml"),
+            "--train.val_fraction=0",
+            "--train.epochs=1",
+        )
+        == 0
+    )
     _, rows = read_csv(run / "metrics.csv")
     assert int(rows[0]["step"]) == 5  # all 20 scans train
     assert rows[0]["val_accuracy"] == "" and rows[0]["val_loss"] == ""
@@ -414,6 +564,9 @@ def test_train_without_validation(tiny_dataset, tmp_path, capsys):
 def test_resume_with_other_model_is_an_error(trained_run, tiny_dataset_shared, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    assert train(tiny_dataset_shared, run, None, "--resume", "--model.depth=3", "--train.epochs=3") == 2
+    assert (
+        train(tiny_dataset_shared, run, None, "--resume", "--model.depth=3", "--train.epochs=3")
+        == 2
+    )
     assert_one_line_error(capsys, "volumetric-train", "model settings")
     assert load_checkpoint(run / "last.pt")["epoch"] == 2

@@ -47,8 +47,19 @@ def test_empty_file_gives_defaults(tmp_path):
 
 def test_yaml_round_trip(tmp_path):
     raw = {
-        "model": {"patch_size": [4, 4, 8], "embed_dim": 48, "depth": 2, "num_heads": 4, "attention": "softmax"},
-        "data": {"spacing": [1.0, 1.0, 2.5], "target_shape": [32, 32, 64], "intensity": "ct", "ct_window": [-200, 400]},
+        "model": {
+            "patch_size": [4, 4, 8],
+            "embed_dim": 48,
+            "depth": 2,
+            "num_heads": 4,
+            "attention": "softmax",
+        },
+        "data": {
+            "spacing": [1.0, 1.0, 2.5],
+            "target_shape": [32, 32, 64],
+            "intensity": "ct",
+            "ct_window": [-200, 400],
+        },
         "augment": [{"RandomFlip": {"axes": [0]}}, {"RandomNoise": {"std": 0.1}}],
         "train": {"epochs": 3, "lr": 0.001, "batch_size": 2, "seed": 7, "device": "cpu"},
     }
@@ -61,7 +72,12 @@ def test_yaml_round_trip(tmp_path):
     assert again.data.ct_window == [-200.0, 400.0]
     assert again.augment == raw["augment"]
     # the file is plain YAML, all sections written out, and no temporary file is left behind
-    assert set(yaml.safe_load((tmp_path / "out.yaml").read_text())) == {"model", "data", "augment", "train"}
+    assert set(yaml.safe_load((tmp_path / "out.yaml").read_text())) == {
+        "model",
+        "data",
+        "augment",
+        "train",
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.yaml", "out.yaml"]
 
 
@@ -96,8 +112,11 @@ def test_wrong_type_raises(tmp_path, section, key, value):
 
 
 def test_int_to_float_coercion(tmp_path):
-    config = load_config(write_yaml(tmp_path / "c.yaml", {"train": {"lr": 1, "warmup_epochs": 2},
-                                                           "data": {"spacing": 2}}))  # fmt: skip
+    config = load_config(
+        write_yaml(
+            tmp_path / "c.yaml", {"train": {"lr": 1, "warmup_epochs": 2}, "data": {"spacing": 2}}
+        )
+    )
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
     assert isinstance(config.train.warmup_epochs, float)
     assert config.data.spacing == 2  # int | list | None: an int is a valid float
@@ -106,8 +125,16 @@ def test_int_to_float_coercion(tmp_path):
 
 def test_overrides_apply(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 10, "lr": 0.1}})
-    config = load_config(path, ["--train.epochs=3", "train.lr=0.002", "--model.attention=softmax",
-                                "--data.target_shape=[16,16,16]", "--model.patch_size=4"])  # fmt: skip
+    config = load_config(
+        path,
+        [
+            "--train.epochs=3",
+            "train.lr=0.002",
+            "--model.attention=softmax",
+            "--data.target_shape=[16,16,16]",
+            "--model.patch_size=4",
+        ],
+    )
     assert config.train.epochs == 3
     assert config.train.lr == pytest.approx(2e-3) and isinstance(config.train.lr, float)
     assert config.model.attention == "softmax"
@@ -147,7 +174,9 @@ def test_overrides_are_checked_like_the_file():
         load_config(None, ["--nosuch.key=1"])
 
 
-@pytest.mark.parametrize("bad", ["--train.epochs", "--epochs=3", "train=3", "--train.=3", "--train.lr=[1,"])
+@pytest.mark.parametrize(
+    "bad", ["--train.epochs", "--epochs=3", "train=3", "--train.=3", "--train.lr=[1,"]
+)
 def test_bad_override_syntax_raises(bad):
     with pytest.raises(VolumetricError):
         load_config(None, [bad])
@@ -160,7 +189,13 @@ def test_apply_overrides_in_place():
 
 @pytest.mark.parametrize(
     "patch,shape",
-    [(8, [16, 16, 12]), (4, [16, 16]), ([4, 4, 8], [16, 16, 12]), (4, [0, 16, 16]), (4, [16, 16, 16, 16])],
+    [
+        (8, [16, 16, 12]),
+        (4, [16, 16]),
+        ([4, 4, 8], [16, 16, 12]),
+        (4, [0, 16, 16]),
+        (4, [16, 16, 16, 16]),
+    ],
 )
 def test_target_shape_not_a_multiple_raises(patch, shape):
     with pytest.raises(VolumetricError, match="target_shape"):
@@ -168,7 +203,9 @@ def test_target_shape_not_a_multiple_raises(patch, shape):
 
 
 def test_target_shape_multiple_of_anisotropic_patch_ok():
-    config = config_from_dict({"model": {"patch_size": [4, 4, 8]}, "data": {"target_shape": [16, 12, 16]}})
+    config = config_from_dict(
+        {"model": {"patch_size": [4, 4, 8]}, "data": {"target_shape": [16, 12, 16]}}
+    )
     assert config.data.target_shape == [16, 12, 16]
 
 

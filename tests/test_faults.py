@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from volumetric.models.vit3d import VolumeTransformer
 from test_cli import assert_one_line_error, assert_same_weights, train, weights, write_config
+
 from volumetric.engine.checkpoint import load_checkpoint
 from volumetric.io import atomic_path, atomic_write_text
+from volumetric.models.vit3d import VolumeTransformer
 
 EPOCHS = 12
 TRAIN = "from volumetric.cli import train_main; raise SystemExit(train_main())"
@@ -25,12 +25,24 @@ TRAIN = "from volumetric.cli import train_main; raise SystemExit(train_main())"
 
 def start_training(data: Path, run: Path, config: Path) -> subprocess.Popen:
     """volumetric-train in its own process (signals and kill -9 must hit a real process)."""
-    args = [sys.executable, "-c", TRAIN, str(data), "--output-dir", str(run), "--config", str(config), "--no-progress",
-            f"--train.epochs={EPOCHS}"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-c",
+        TRAIN,
+        str(data),
+        "--output-dir",
+        str(run),
+        "--config",
+        str(config),
+        "--no-progress",
+        f"--train.epochs={EPOCHS}",
+    ]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_epochs(run: Path, process: subprocess.Popen, epochs: int, timeout: float = 120.0) -> None:
+def wait_for_epochs(
+    run: Path, process: subprocess.Popen, epochs: int, timeout: float = 120.0
+) -> None:
     """Return as soon as metrics.csv lists ``epochs`` finished epochs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -48,7 +60,15 @@ def wait_for_epochs(run: Path, process: subprocess.Popen, epochs: int, timeout: 
 def reference(tiny_dataset_shared, tmp_path_factory) -> Path:
     """The uninterrupted run that every interrupted one must reproduce."""
     root = tmp_path_factory.mktemp("reference")
-    assert train(tiny_dataset_shared, root / "run", write_config(root / "tiny.yaml"), f"--train.epochs={EPOCHS}") == 0
+    assert (
+        train(
+            tiny_dataset_shared,
+            root / "run",
+            write_config(root / "tiny.yaml"),
+            f"--train.epochs={EPOCHS}",
+        )
+        == 0
+    )
     return root / "run"
 
 
@@ -62,7 +82,9 @@ def test_signal_saves_and_resume_matches(signum, reference, tiny_dataset_shared,
     assert process.returncode == 128 + signum
     assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
     state = load_checkpoint(run / "last.pt")
-    assert 2 <= state["epoch"] < EPOCHS  # saved where it stopped (mid-epoch: with a `partial` record)
+    assert (
+        2 <= state["epoch"] < EPOCHS
+    )  # saved where it stopped (mid-epoch: with a `partial` record)
     assert train(tiny_dataset_shared, run, None, "--resume") == 0
     assert_same_weights(weights(run / "last.pt"), weights(reference / "last.pt"))
     assert _same_losses(run, reference)
@@ -70,8 +92,11 @@ def test_signal_saves_and_resume_matches(signum, reference, tiny_dataset_shared,
 
 def _same_losses(run: Path, reference: Path) -> bool:
     """Equal history but for the wall-clock column."""
+
     def losses(path: Path) -> list[tuple[str, str]]:
-        return [(r["train_loss"], r["val_loss"]) for r in csv.DictReader((path / "metrics.csv").open())]
+        return [
+            (r["train_loss"], r["val_loss"]) for r in csv.DictReader((path / "metrics.csv").open())
+        ]
 
     return losses(run) == losses(reference)
 
@@ -91,18 +116,25 @@ def test_kill_9_then_resume_reaches_the_same_weights(reference, tiny_dataset_sha
     assert _same_losses(run, reference)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_shared, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_dataset_shared, tmp_path, monkeypatch, capsys
+):
     calls = {"n": 0}
     forward = VolumeTransformer.forward
 
     def poisoned(self, x):
         calls["n"] += 1
         out = forward(self, x)
-        return out * float("nan") if self.training and calls["n"] > 6 else out  # epoch 1 (4 batches) is clean
+        return (
+            out * float("nan") if self.training and calls["n"] > 6 else out
+        )  # epoch 1 (4 batches) is clean
 
     monkeypatch.setattr(VolumeTransformer, "forward", poisoned)
     run = tmp_path / "run"
-    assert train(tiny_dataset_shared, run, write_config(tmp_path / "tiny.yaml"), "--train.epochs=3") == 2
+    assert (
+        train(tiny_dataset_shared, run, write_config(tmp_path / "tiny.yaml"), "--train.epochs=3")
+        == 2
+    )
     line = assert_one_line_error(capsys, "volumetric-train", "nan", "epoch 2", "last.pt")
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 1, line
@@ -110,7 +142,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_shared, 
 
 
 def test_nan_loss_before_any_checkpoint_says_so(tiny_dataset_shared, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(VolumeTransformer, "forward", lambda self, x: torch.full((len(x), 2), float("nan")))
+    monkeypatch.setattr(
+        VolumeTransformer, "forward", lambda self, x: torch.full((len(x), 2), float("nan"))
+    )
     run = tmp_path / "run"
     assert train(tiny_dataset_shared, run, write_config(tmp_path / "tiny.yaml")) == 2
     line = assert_one_line_error(capsys, "volumetric-train", "nan", "epoch 1")
@@ -127,7 +161,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no temporary left behind
     atomic_write_text(target, "new\n")
-    assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+    assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "metrics.csv"
+    ]
 
 
 def test_atomic_write_is_a_rename(tmp_path, monkeypatch):

@@ -50,8 +50,15 @@ def test_half_precision_sums_do_not_overflow(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["seqnorm", "softmax"])
 def test_model_under_autocast(dtype, kind):
-    model = VolumeTransformer(num_classes=3, patch_size=4, embed_dim=24, depth=2, num_heads=2, attention=kind,
-                              grad_checkpointing=True)  # fmt: skip
+    model = VolumeTransformer(
+        num_classes=3,
+        patch_size=4,
+        embed_dim=24,
+        depth=2,
+        num_heads=2,
+        attention=kind,
+        grad_checkpointing=True,
+    )
     x = torch.randn(2, 1, 16, 12, 8) * 500.0 + 40.0  # CT-like scale
     with torch.autocast(device_type="cpu", dtype=dtype):
         logits = model(x)

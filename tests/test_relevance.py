@@ -29,8 +29,14 @@ from volumetric.models.vit3d import VolumeTransformer
 
 SIZE, SIDE, PATCH = 16, 6, 4  # training volumes, planted cube, patch (all in voxels)
 MODEL_ARGS = dict(num_classes=2, patch_size=PATCH, embed_dim=24, depth=1, num_heads=2, pool="max")
-NATIVE = {"spacing": None, "target_shape": None, "intensity": "zscore", "ct_window": [-1000.0, 1000.0],
-          "canonical": True, "patch_size": PATCH}  # fmt: skip
+NATIVE = {
+    "spacing": None,
+    "target_shape": None,
+    "intensity": "zscore",
+    "ct_window": [-1000.0, 1000.0],
+    "canonical": True,
+    "patch_size": PATCH,
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -46,9 +52,17 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def save(path: Path, model: VolumeTransformer, preprocessing: dict, model_args: dict = MODEL_ARGS) -> Path:
-    save_checkpoint(path, model=model, model_args=model_args, class_names=["healthy", "lesion"],
-                    preprocessing=preprocessing, config={})  # fmt: skip
+def save(
+    path: Path, model: VolumeTransformer, preprocessing: dict, model_args: dict = MODEL_ARGS
+) -> Path:
+    save_checkpoint(
+        path,
+        model=model,
+        model_args=model_args,
+        class_names=["healthy", "lesion"],
+        preprocessing=preprocessing,
+        config={},
+    )
     return path
 
 
@@ -60,7 +74,9 @@ def synthetic_batch(generator: torch.Generator, n: int) -> tuple[torch.Tensor, t
         x, y, z = torch.randint(0, SIZE - SIDE + 1, (3,), generator=generator).tolist()
         if label:
             volume[0, x : x + SIDE, y : y + SIDE, z : z + SIDE] += 80.0
-    return torch.stack([zscore_foreground(v) for v in volumes]), labels  # what ForegroundZNormalization does
+    return torch.stack(
+        [zscore_foreground(v) for v in volumes]
+    ), labels  # what ForegroundZNormalization does
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +100,13 @@ def lesion_model() -> VolumeTransformer:
     return model
 
 
-def lesion_scan(path: Path, shape: tuple[int, int, int], corner: tuple[int, int, int], affine: np.ndarray,
-                seed: int) -> tuple[Path, tuple[slice, ...]]:  # fmt: skip
+def lesion_scan(
+    path: Path,
+    shape: tuple[int, int, int],
+    corner: tuple[int, int, int],
+    affine: np.ndarray,
+    seed: int,
+) -> tuple[Path, tuple[slice, ...]]:
     """Noise with a bright SIDE³ cube at ``corner`` (file voxel indices); the scan and the cube's slices."""
     data = np.random.default_rng(seed).normal(100.0, 10.0, shape)
     cube = tuple(slice(c, c + SIDE) for c in corner)
@@ -94,7 +115,9 @@ def lesion_scan(path: Path, shape: tuple[int, int, int], corner: tuple[int, int,
 
 
 FLIPPED_X = np.array([[-1.0, 0, 0, 20], [0, 1.0, 0, -3], [0, 0, 1.0, 7], [0, 0, 0, 1]])  # LAS
-PERMUTED = np.array([[0, -1.0, 0, 9], [0, 0, 1.0, -4], [1.0, 0, 0, 2], [0, 0, 0, 1]])  # file axes → S, L, A
+PERMUTED = np.array(
+    [[0, -1.0, 0, 9], [0, 0, 1.0, -4], [1.0, 0, 0, 2], [0, 0, 0, 1]]
+)  # file axes → S, L, A
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +129,24 @@ def maps_run(lesion_model, tmp_path_factory):
     scans = root / "scans"
     a, cube_a = lesion_scan(scans / "flipped.nii.gz", (15, 16, 14), (2, 8, 5), FLIPPED_X, seed=10)
     b, cube_b = lesion_scan(scans / "permuted.nii", (14, 16, 15), (7, 1, 8), PERMUTED, seed=11)
-    write_nifti(scans / "clean.nii.gz", np.random.default_rng(12).normal(100.0, 10.0, (16, 16, 16)), np.eye(4))
+    write_nifti(
+        scans / "clean.nii.gz",
+        np.random.default_rng(12).normal(100.0, 10.0, (16, 16, 16)),
+        np.eye(4),
+    )
     (scans / "broken.nii.gz").write_text("not a scan")
     maps = root / "maps"
-    code = infer_main([str(checkpoint), str(scans), "--output", str(root / "p.csv"), "--maps", str(maps),
-                       "--no-progress"])  # fmt: skip
+    code = infer_main(
+        [
+            str(checkpoint),
+            str(scans),
+            "--output",
+            str(root / "p.csv"),
+            "--maps",
+            str(maps),
+            "--no-progress",
+        ]
+    )
     header, rows = read_csv(root / "p.csv")
     by_name = {scan_name(Path(row["path"])): row for row in rows}
     return code, header, by_name, maps, {"flipped": (a, cube_a), "permuted": (b, cube_b)}
@@ -146,11 +182,31 @@ def test_map_has_the_input_scans_grid(tmp_path):
     model = VolumeTransformer(**{**MODEL_ARGS, "pool": "mean"})
     resampled = {**NATIVE, "spacing": 1.5, "target_shape": [16, 16, 16]}
     checkpoint = save(tmp_path / "c.pt", model, resampled, {**MODEL_ARGS, "pool": "mean"})
-    affine = np.array([[0, 0, -2.0, 30], [0.9, 0, 0, -10], [0, 1.3, 0, 5], [0, 0, 0, 1]])  # file axes → A, S, L
-    scan = write_nifti(tmp_path / "s" / "odd.nii.gz", np.random.default_rng(0).normal(100, 10, (21, 13, 17)), affine)
+    affine = np.array(
+        [[0, 0, -2.0, 30], [0.9, 0, 0, -10], [0, 1.3, 0, 5], [0, 0, 0, 1]]
+    )  # file axes → A, S, L
+    scan = write_nifti(
+        tmp_path / "s" / "odd.nii.gz",
+        np.random.default_rng(0).normal(100, 10, (21, 13, 17)),
+        affine,
+    )
     maps = tmp_path / "maps"
-    assert infer_main([str(checkpoint), str(scan), "--output", str(tmp_path / "p.csv"), "--maps", str(maps),
-                       "--map-steps", "4", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        infer_main(
+            [
+                str(checkpoint),
+                str(scan),
+                "--output",
+                str(tmp_path / "p.csv"),
+                "--maps",
+                str(maps),
+                "--map-steps",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     original, relevance = nib.load(str(scan)), nib.load(str(maps / "odd_relevance.nii.gz"))
     assert relevance.shape == original.shape == (21, 13, 17)
     np.testing.assert_array_equal(relevance.affine, original.affine)
@@ -167,7 +223,9 @@ def test_mapping_back_is_exact_in_world_space(tmp_path):
     input grid, as the input voxels' world coordinates (linear interpolation is exact on a linear
     function) between the preprocessed grid's outer voxel centres, and as 0 beyond its edge."""
     affine = np.array([[0, 0, -2.0, 30], [0.9, 0, 0, -10], [0, 1.3, 0, 5], [0, 0, 0, 1]])
-    scan = write_nifti(tmp_path / "odd.nii.gz", np.random.default_rng(0).normal(100, 10, (21, 13, 17)), affine)
+    scan = write_nifti(
+        tmp_path / "odd.nii.gz", np.random.default_rng(0).normal(100, 10, (21, 13, 17)), affine
+    )
     original = read_scan(scan)
     pipeline = build_preprocessing({**NATIVE, "spacing": 1.5, "target_shape": [16, 16, 16]}, PATCH)
     subject = preprocess_scan(scan, original, pipeline)
@@ -176,16 +234,24 @@ def test_mapping_back_is_exact_in_world_space(tmp_path):
     np.testing.assert_array_equal(original.affine, nib.load(str(scan)).affine)
     # each input voxel's continuous index in the preprocessed grid: inside, at the edge, or outside it
     points = world_coordinates(original.spatial_shape, original.affine).reshape(3, -1)
-    index = (np.linalg.inv(subject.image.affine) @ np.vstack([points, np.ones(points.shape[1])]))[:3]
+    index = (np.linalg.inv(subject.image.affine) @ np.vstack([points, np.ones(points.shape[1])]))[
+        :3
+    ]
     index = index.reshape(3, *original.spatial_shape)
     upper = np.array(subject.image.spatial_shape).reshape(3, 1, 1, 1) - 1
     inside = ((index >= -1e-6) & (index <= upper + 1e-6)).all(axis=0)
     outside = ((index < -0.5 - 1e-6) | (index > upper + 0.5 + 1e-6)).any(axis=0)
     assert inside.mean() > 0.4 and outside.mean() > 0.1
     for axis in range(3):
-        world = world_coordinates(subject.image.spatial_shape, subject.image.affine)[axis]  # (16, 16, 16)
-        back = to_input_grid(torch.from_numpy(world + 100.0).float(), subject.image.affine, original)  # (21, 13, 17)
-        expected = world_coordinates(original.spatial_shape, original.affine)[axis] + 100.0  # all far from 0
+        world = world_coordinates(subject.image.spatial_shape, subject.image.affine)[
+            axis
+        ]  # (16, 16, 16)
+        back = to_input_grid(
+            torch.from_numpy(world + 100.0).float(), subject.image.affine, original
+        )  # (21, 13, 17)
+        expected = (
+            world_coordinates(original.spatial_shape, original.affine)[axis] + 100.0
+        )  # all far from 0
         np.testing.assert_allclose(back[inside], expected[inside], atol=1e-3)
         assert (back[outside] == 0).all()
 
@@ -200,7 +266,9 @@ def test_shares_split_the_logit_rise_from_an_empty_scan():
     """With a fine path the signed token shares add up to y(scan) − y(empty scan) (completeness), and
     the relevance is computed without touching the parameters' gradients."""
     torch.manual_seed(0)
-    model = VolumeTransformer(**{**MODEL_ARGS, "depth": 2, "pool": "mean"}).eval()  # smooth: the midpoints converge
+    model = VolumeTransformer(
+        **{**MODEL_ARGS, "depth": 2, "pool": "mean"}
+    ).eval()  # smooth: the midpoints converge
     volume = torch.randn(1, 1, 12, 8, 16)
     logits, shares, target = token_shares(model, volume, target=1, steps=32)
     assert shares.shape == (3, 2, 4) and target == 1
@@ -223,7 +291,9 @@ def test_montage_is_a_png(maps_run):
         path = maps / f"{name}_relevance.png"
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         image = matplotlib.image.imread(str(path))  # (rows, columns, RGBA)
-        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 600 and image.std() > 0.01
+        assert (
+            image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 600 and image.std() > 0.01
+        )
 
 
 def test_bad_scan_gets_its_error_row_and_no_map(maps_run):
@@ -232,14 +302,28 @@ def test_bad_scan_gets_its_error_row_and_no_map(maps_run):
     code, header, rows, maps, _ = maps_run
     assert code == 1
     assert header == ["path", "prediction", "prob_healthy", "prob_lesion", "error"]
-    assert rows["broken"]["error"] and rows["broken"]["prediction"] == "" and rows["broken"]["prob_lesion"] == ""
+    assert (
+        rows["broken"]["error"]
+        and rows["broken"]["prediction"] == ""
+        and rows["broken"]["prob_lesion"] == ""
+    )
     assert rows["clean"]["error"] == "" and rows["clean"]["prediction"] == "healthy"
-    expected = {f"{name}_relevance.{ext}" for name in ("flipped", "permuted", "clean") for ext in ("nii.gz", "png")}
+    expected = {
+        f"{name}_relevance.{ext}"
+        for name in ("flipped", "permuted", "clean")
+        for ext in ("nii.gz", "png")
+    }
     assert {p.name for p in maps.iterdir()} == expected
 
 
 def test_map_names_are_unique():
-    scans = [Path("a/x.nii.gz"), Path("b/x.nii"), Path("c/x_2.nrrd"), Path("d/series1"), Path("e/x.NII.GZ")]
+    scans = [
+        Path("a/x.nii.gz"),
+        Path("b/x.nii"),
+        Path("c/x_2.nrrd"),
+        Path("d/series1"),
+        Path("e/x.NII.GZ"),
+    ]
     assert [scan_name(s) for s in scans] == ["x", "x", "x_2", "series1", "x"]
     assert map_names(scans) == ["x", "x_3", "x_2", "series1", "x_4"]
 
@@ -251,5 +335,7 @@ def test_maps_need_the_token_model(tmp_path):
     predictor.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
     scan = write_nifti(tmp_path / "s.nii.gz", np.ones((8, 8, 8)), np.eye(4))
     with pytest.raises(VolumetricError, match="relevance maps need a vit3d checkpoint"):
-        predict_to_csv(predictor, [scan], tmp_path / "p.csv", progress=False, maps=tmp_path / "maps")
+        predict_to_csv(
+            predictor, [scan], tmp_path / "p.csv", progress=False, maps=tmp_path / "maps"
+        )
     assert not (tmp_path / "p.csv").exists()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torchio as tio
-
 from conftest import write_scan
+
 from transforms import CTWindow, ForegroundZNormalization, build_augmentation, build_preprocessing
 from transforms.foreground_zscore import zscore_foreground
 from volumetric.errors import VolumetricError
@@ -19,8 +19,13 @@ def subject(data: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> tio.Subject:
 
 
 def settings(**kwargs):
-    base = {"spacing": None, "target_shape": None, "intensity": "zscore", "ct_window": [-1000.0, 1000.0],
-            "canonical": True}  # fmt: skip
+    base = {
+        "spacing": None,
+        "target_shape": None,
+        "intensity": "zscore",
+        "ct_window": [-1000.0, 1000.0],
+        "canonical": True,
+    }
     base.update(kwargs)
     return base
 
@@ -29,7 +34,9 @@ def settings(**kwargs):
 @pytest.mark.parametrize("spacing", [None, 1.5, [2.0, 1.0, 1.0]])
 def test_preprocessing_output_shape_is_target(target, spacing):
     data = torch.rand(1, 20, 18, 14)
-    out = build_preprocessing(settings(target_shape=target, spacing=spacing), 4)(subject(data, (1.5, 1.5, 2.0)))
+    out = build_preprocessing(settings(target_shape=target, spacing=spacing), 4)(
+        subject(data, (1.5, 1.5, 2.0))
+    )
     assert tuple(out.image.shape[1:]) == tuple(target)
     assert out.image.data.dtype == torch.float32
     assert torch.isfinite(out.image.data).all()
@@ -58,7 +65,11 @@ def test_preprocessing_refuses_a_scan_smaller_than_one_patch(target_shape):
 
 def test_preprocessing_resamples_to_spacing_from_file(tmp_path):
     """Read through TorchIO from a NIfTI with 1.5×1.5×2 mm voxels, resampled to 3 mm."""
-    path = write_scan(tmp_path / "s.nii.gz", np.random.default_rng(0).normal(size=(20, 18, 16)), spacing=(1.5, 1.5, 2.0))
+    path = write_scan(
+        tmp_path / "s.nii.gz",
+        np.random.default_rng(0).normal(size=(20, 18, 16)),
+        spacing=(1.5, 1.5, 2.0),
+    )
     out = build_preprocessing(settings(spacing=3.0), 2)(tio.Subject(image=tio.ScalarImage(path)))
     assert out.image.spacing == pytest.approx((3.0, 3.0, 3.0))
     extent = (20 * 1.5 / 3, 18 * 1.5 / 3, 16 * 2.0 / 3)  # 10, 9, 10.67 voxels of 3 mm
@@ -73,7 +84,9 @@ def test_preprocessing_canonical_orientation():
     out = build_preprocessing(settings(intensity="none"), 2)(tio.Subject(image=image))
     assert out.image.orientation == ("R", "A", "S")
     torch.testing.assert_close(out.image.data, image.data.flip(1))
-    kept = build_preprocessing(settings(intensity="none", canonical=False), 2)(tio.Subject(image=image))
+    kept = build_preprocessing(settings(intensity="none", canonical=False), 2)(
+        tio.Subject(image=image)
+    )
     assert kept.image.orientation == ("L", "A", "S")
 
 
@@ -142,7 +155,9 @@ def test_ct_window_custom_window_and_pipeline():
     out = CTWindow(low=-100, high=200)(subject(data)).image.data.flatten()
     torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
     ct = torch.randn(1, 8, 8, 8) * 2000
-    piped = build_preprocessing(settings(intensity="ct", ct_window=[-500, 500]), 4)(subject(ct)).image.data
+    piped = build_preprocessing(settings(intensity="ct", ct_window=[-500, 500]), 4)(
+        subject(ct)
+    ).image.data
     assert piped.min() >= 0.0 and piped.max() <= 1.0
     torch.testing.assert_close(piped, ((ct.clamp(-500, 500) + 500) / 1000))
 
@@ -167,10 +182,14 @@ def test_build_augmentation_empty_is_none():
 
 
 def test_build_augmentation_pipeline_runs():
-    pipeline = build_augmentation([{"RandomFlip": {"axes": [0], "flip_probability": 1.0}}, {"RandomNoise": None}])
+    pipeline = build_augmentation(
+        [{"RandomFlip": {"axes": [0], "flip_probability": 1.0}}, {"RandomNoise": None}]
+    )
     assert isinstance(pipeline, tio.Compose) and len(pipeline) == 2
     data = torch.arange(4 * 3 * 2.0).view(1, 4, 3, 2)
-    out = build_augmentation([{"RandomFlip": {"axes": [0], "flip_probability": 1.0}}])(subject(data)).image.data
+    out = build_augmentation([{"RandomFlip": {"axes": [0], "flip_probability": 1.0}}])(
+        subject(data)
+    ).image.data
     torch.testing.assert_close(out, data.flip(1))
     noisy = pipeline(subject(data)).image.data
     assert noisy.shape == data.shape and not torch.equal(noisy, data.flip(1))

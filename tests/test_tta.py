@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torchio as tio
-
 from conftest import write_scan
+
 from transforms.tta import build_tta
 from volumetric.cli import infer_main
 from volumetric.engine.checkpoint import save_checkpoint
@@ -18,11 +18,29 @@ from volumetric.inference import Predictor
 from volumetric.models.vit3d import VolumeTransformer
 
 HEADER = ["path", "prediction", "prob_healthy", "prob_lesion", "error"]
-TTA_HEADER = ["path", "prediction", "prob_healthy", "prob_lesion", "prob_std_healthy", "prob_std_lesion", "error"]
+TTA_HEADER = [
+    "path",
+    "prediction",
+    "prob_healthy",
+    "prob_lesion",
+    "prob_std_healthy",
+    "prob_std_lesion",
+    "error",
+]
 MODEL_ARGS = dict(num_classes=2, patch_size=4, embed_dim=24, depth=1, num_heads=2)
-PREPROCESSING = {"spacing": None, "target_shape": [16, 16, 16], "intensity": "zscore", "ct_window": [-1000.0, 1000.0],
-                 "canonical": True, "patch_size": 4}  # fmt: skip
-AUGMENT = [{"RandomFlip": {"axes": [0, 1]}}, {"RandomAffine": {"scales": 0.1, "degrees": 10}}, {"RandomNoise": {}}]
+PREPROCESSING = {
+    "spacing": None,
+    "target_shape": [16, 16, 16],
+    "intensity": "zscore",
+    "ct_window": [-1000.0, 1000.0],
+    "canonical": True,
+    "patch_size": 4,
+}
+AUGMENT = [
+    {"RandomFlip": {"axes": [0, 1]}},
+    {"RandomAffine": {"scales": 0.1, "degrees": 10}},
+    {"RandomNoise": {}},
+]
 
 
 @pytest.fixture
@@ -34,8 +52,14 @@ def setup(tmp_path):
     with torch.no_grad():
         model.head.weight.mul_(10.0)
     checkpoint = tmp_path / "c.pt"
-    save_checkpoint(checkpoint, model=model, model_args=MODEL_ARGS, class_names=["healthy", "lesion"],
-                    preprocessing=PREPROCESSING, config={"augment": AUGMENT})  # fmt: skip
+    save_checkpoint(
+        checkpoint,
+        model=model,
+        model_args=MODEL_ARGS,
+        class_names=["healthy", "lesion"],
+        preprocessing=PREPROCESSING,
+        config={"augment": AUGMENT},
+    )
     rng = np.random.default_rng(0)
     for name, shape in (("a", (16, 16, 16)), ("b", (18, 14, 16))):
         data = rng.normal(100, 10, shape)
@@ -46,7 +70,9 @@ def setup(tmp_path):
 
 
 def infer(checkpoint: Path, inputs: list[Path], output: Path, *options: str) -> int:
-    return infer_main([str(checkpoint), *map(str, inputs), "--output", str(output), "--no-progress", *options])
+    return infer_main(
+        [str(checkpoint), *map(str, inputs), "--output", str(output), "--no-progress", *options]
+    )
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -150,13 +176,32 @@ def test_tta_with_maps_explains_the_rows_prediction(setup, tmp_path):
 
     checkpoint, scans = setup
     maps = tmp_path / "maps"
-    assert infer(checkpoint, [scans], tmp_path / "p.csv", "--tta", "2", "--maps", str(maps), "--map-steps", "2") == 1
+    assert (
+        infer(
+            checkpoint,
+            [scans],
+            tmp_path / "p.csv",
+            "--tta",
+            "2",
+            "--maps",
+            str(maps),
+            "--map-steps",
+            "2",
+        )
+        == 1
+    )
     header, rows = read_csv(tmp_path / "p.csv")
     assert header == TTA_HEADER
-    assert sorted(p.name for p in maps.iterdir()) == ["a_relevance.nii.gz", "a_relevance.png", "b_relevance.nii.gz",
-                                                      "b_relevance.png"]  # fmt: skip
+    assert sorted(p.name for p in maps.iterdir()) == [
+        "a_relevance.nii.gz",
+        "a_relevance.png",
+        "b_relevance.nii.gz",
+        "b_relevance.png",
+    ]
     for row in rows:
         if not row["error"]:
             name = Path(row["path"]).name.removesuffix(".nii.gz")
-            description = nib.load(str(maps / f"{name}_relevance.nii.gz")).header["descrip"].item().decode()
+            description = (
+                nib.load(str(maps / f"{name}_relevance.nii.gz")).header["descrip"].item().decode()
+            )
             assert description.endswith(f"class {row['prediction']}")

@@ -6,4 +6,10 @@ from transforms.foreground_zscore import ForegroundZNormalization
 from transforms.preprocess import build_preprocessing
 from transforms.tta import build_tta
 
-__all__ = ["CTWindow", "ForegroundZNormalization", "build_augmentation", "build_preprocessing", "build_tta"]
+__all__ = [
+    "CTWindow",
+    "ForegroundZNormalization",
+    "build_augmentation",
+    "build_preprocessing",
+    "build_tta",
+]

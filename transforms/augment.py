@@ -22,8 +22,12 @@ def build_augmentation(entries: list[dict[str, Any]]) -> tio.Compose | None:
     for i, entry in enumerate(entries):
         ((name, kwargs),) = entry.items()
         cls = getattr(tio, name, None)
-        if not (name.startswith("Random") and isinstance(cls, type) and issubclass(cls, tio.Transform)):
-            raise VolumetricError(f"config augment[{i}]: {name!r} is not a TorchIO random transform (e.g. RandomAffine)")
+        if not (
+            name.startswith("Random") and isinstance(cls, type) and issubclass(cls, tio.Transform)
+        ):
+            raise VolumetricError(
+                f"config augment[{i}]: {name!r} is not a TorchIO random transform (e.g. RandomAffine)"
+            )
         try:
             steps.append(cls(**(kwargs or {})))
         except (TypeError, ValueError) as error:

@@ -1,8 +1,8 @@
 """The deterministic preprocessing pipeline shared by training, evaluation and inference.
 
-    canonical (RAS+) orientation → resample to the configured spacing → refuse scans smaller than
-      one patch → intensity normalization → crop-or-pad to the target shape, or pad the native
-      grid up to a patch multiple
+canonical (RAS+) orientation → resample to the configured spacing → refuse scans smaller than
+  one patch → intensity normalization → crop-or-pad to the target shape, or pad the native
+  grid up to a patch multiple
 """
 
 from __future__ import annotations

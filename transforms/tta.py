@@ -27,8 +27,11 @@ TTA_TRANSFORMS = ("RandomFlip", "RandomAffine")
 
 def build_tta(augment: list[dict[str, Any]] | None) -> tio.Compose:
     """The random views for test-time augmentation from a checkpoint's ``config["augment"]`` list."""
-    entries = [entry for entry in augment or [] if isinstance(entry, dict) and len(entry) == 1
-               and next(iter(entry)) in TTA_TRANSFORMS]  # fmt: skip
+    entries = [
+        entry
+        for entry in augment or []
+        if isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in TTA_TRANSFORMS
+    ]
     if not any("RandomFlip" in entry for entry in entries):
         entries.insert(0, {"RandomFlip": {"axes": [0]}})
     pipeline = build_augmentation(entries)

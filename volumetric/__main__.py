@@ -9,20 +9,27 @@ COMMAND is train, evaluate, infer or bench; the rest of the line goes to volumet
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from volumetric.cli import bench_main, evaluate_main, infer_main, train_main
 
-COMMANDS = {"train": train_main, "evaluate": evaluate_main, "infer": infer_main, "bench": bench_main}
+COMMANDS = {
+    "train": train_main,
+    "evaluate": evaluate_main,
+    "infer": infer_main,
+    "bench": bench_main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         given = f"unknown command {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""
-        print(f"usage: python -m volumetric {{{','.join(COMMANDS)}}} ...\n"
-              f"{given}each command takes the arguments of volumetric-COMMAND (see volumetric-train --help)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"usage: python -m volumetric {{{','.join(COMMANDS)}}} ...\n"
+            f"{given}each command takes the arguments of volumetric-COMMAND (see volumetric-train --help)",
+            file=sys.stderr,
+        )
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     return COMMANDS[argv[0]](argv[1:])
 

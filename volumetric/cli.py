@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from volumetric import __version__
 from volumetric.config import apply_overrides, config_from_dict, load_config
@@ -20,30 +20,48 @@ log = logging.getLogger("volumetric")
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    parser.add_argument(
+        "--device", default=None, help="auto (default: CUDA when present), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (for logs and CI)"
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
-def _run(argv: Sequence[str] | None, parser: argparse.ArgumentParser, body: Callable, allow_overrides: bool = False) -> int:
+def _run(
+    argv: Sequence[str] | None,
+    parser: argparse.ArgumentParser,
+    body: Callable,
+    allow_overrides: bool = False,
+) -> int:
     """Parse, set up logging, call ``body(args, overrides)``; a VolumetricError or ValueError becomes one
     line and status 2 (`--debug` shows the traceback)."""
     if allow_overrides:
         args, rest = parser.parse_known_args(argv)
-        overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
+        overrides = [
+            a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]
+        ]
         unknown = [a for a in rest if a not in overrides]
         if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --train.epochs=5)")
+            parser.error(
+                f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --train.epochs=5)"
+            )
     else:
         args, overrides = parser.parse_args(argv), []
     # under torchrun only rank 0 reports progress; the other processes log warnings and errors only
     level = logging.INFO if is_main() else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         return body(args, overrides) or 0
-    except (VolumetricError, ValueError) as error:  # ValueError: a bad argument the library rejected
+    except (
+        VolumetricError,
+        ValueError,
+    ) as error:  # ValueError: a bad argument the library rejected
         if args.debug:
             raise
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
@@ -61,13 +79,27 @@ def _run(argv: Sequence[str] | None, parser: argparse.ArgumentParser, body: Call
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser("volumetric-train", "Train a whole-volume classifier on a folder of class sub-folders or a CSV.")
-    parser.add_argument("data", help="training data: root/<class>/*.nii.gz, or a CSV manifest with path,label")
-    parser.add_argument("--val", help="validation data in the same form (default: a stratified split of DATA)")
-    parser.add_argument("--config", help="YAML config (default: built-in defaults; with --resume, the run's own)")
-    parser.add_argument("--output-dir", required=True,
-                        help="run folder: checkpoints, metrics.csv, config.yaml, learning_curves.png, tensorboard/")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
+    parser = _parser(
+        "volumetric-train",
+        "Train a whole-volume classifier on a folder of class sub-folders or a CSV.",
+    )
+    parser.add_argument(
+        "data", help="training data: root/<class>/*.nii.gz, or a CSV manifest with path,label"
+    )
+    parser.add_argument(
+        "--val", help="validation data in the same form (default: a stratified split of DATA)"
+    )
+    parser.add_argument(
+        "--config", help="YAML config (default: built-in defaults; with --resume, the run's own)"
+    )
+    parser.add_argument(
+        "--output-dir",
+        required=True,
+        help="run folder: checkpoints, metrics.csv, config.yaml, learning_curves.png, tensorboard/",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its last.pt"
+    )
     parser.epilog = "Any config value can be overridden: --train.epochs=5 --model.attention=softmax"
     return _run(argv, parser, _train, allow_overrides=True)
 
@@ -84,12 +116,22 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         config = load_config(args.config, overrides)
     if args.device:
         config.train.device = args.device
-    result = train(config, discover(args.data), discover(args.val) if args.val else None, args.output_dir,
-                   resume=args.resume, progress=not args.no_progress)  # fmt: skip
+    result = train(
+        config,
+        discover(args.data),
+        discover(args.val) if args.val else None,
+        args.output_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     if not is_main():  # under torchrun: rank 0 reports
         return 0
     best = result.best_metrics
-    summary = ", ".join(f"{k}={best[k]:.4f}" for k in ("val_accuracy", "val_balanced_accuracy", "val_auroc") if k in best)
+    summary = ", ".join(
+        f"{k}={best[k]:.4f}"
+        for k in ("val_accuracy", "val_balanced_accuracy", "val_auroc")
+        if k in best
+    )
     print(f"best epoch {result.best_epoch}: {summary or 'no validation set'}")
     print(f"checkpoints: {result.output_dir / 'best.pt'}, {result.output_dir / 'last.pt'}")
     return 0
@@ -101,25 +143,41 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser("volumetric-evaluate", "Metrics of a checkpoint on a labelled data set.")
     parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
-    parser.add_argument("data", help="labelled data: root/<class>/*.nii.gz, or a CSV manifest with path,label")
-    parser.add_argument("--output-dir", required=True,
-                        help="where metrics.json, predictions.csv, confusion_matrix.png and roc.png go")
+    parser.add_argument(
+        "data", help="labelled data: root/<class>/*.nii.gz, or a CSV manifest with path,label"
+    )
+    parser.add_argument(
+        "--output-dir",
+        required=True,
+        help="where metrics.json, predictions.csv, confusion_matrix.png and roc.png go",
+    )
     return _run(argv, parser, _evaluate)
 
 
 def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     from volumetric.engine.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.output_dir, device=args.device or "auto",
-                                  progress=not args.no_progress)  # fmt: skip
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.output_dir,
+        device=args.device or "auto",
+        progress=not args.no_progress,
+    )
 
     def number(key: str) -> str:
         return "undefined" if metrics[key] is None else f"{metrics[key]:.4f}"
 
     ci = metrics["auroc_ci95"]
-    interval = f" (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {metrics['auroc_bootstrap']['used']} resamples)" if ci else ""
-    print(f"{metrics['num_scans']} scans: accuracy {number('accuracy')}, balanced accuracy "
-          f"{number('balanced_accuracy')}, AUROC {number('auroc')}{interval}, loss {number('loss')}")
+    interval = (
+        f" (95% CI {ci[0]:.4f}-{ci[1]:.4f}, {metrics['auroc_bootstrap']['used']} resamples)"
+        if ci
+        else ""
+    )
+    print(
+        f"{metrics['num_scans']} scans: accuracy {number('accuracy')}, balanced accuracy "
+        f"{number('balanced_accuracy')}, AUROC {number('auroc')}{interval}, loss {number('loss')}"
+    )
     if metrics["auroc_note"]:
         print(metrics["auroc_note"])
     names = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png")
@@ -132,17 +190,39 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def infer_main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser("volumetric-infer", "Classify scans with a trained checkpoint and write a CSV.")
+    parser = _parser(
+        "volumetric-infer", "Classify scans with a trained checkpoint and write a CSV."
+    )
     parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
-    parser.add_argument("inputs", nargs="+", help="scan files, or folders searched recursively for scans")
-    parser.add_argument("--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
-    parser.add_argument("--maps", metavar="DIR", help="write DIR/<scan>_relevance.nii.gz (on the scan's own grid) "
-                        "and DIR/<scan>_relevance.png: gradient × input on the patch tokens, predicted class")
-    parser.add_argument("--tta", type=int, default=0, metavar="N", help="test-time augmentation: N random "
-                        "flips (and the training's affine) besides the scan; adds prob_std_<class> (default 0: off)")
+    parser.add_argument(
+        "inputs", nargs="+", help="scan files, or folders searched recursively for scans"
+    )
+    parser.add_argument(
+        "--output", default="predictions.csv", help="CSV to write (default: predictions.csv)"
+    )
+    parser.add_argument(
+        "--maps",
+        metavar="DIR",
+        help="write DIR/<scan>_relevance.nii.gz (on the scan's own grid) "
+        "and DIR/<scan>_relevance.png: gradient × input on the patch tokens, predicted class",
+    )
+    parser.add_argument(
+        "--tta",
+        type=int,
+        default=0,
+        metavar="N",
+        help="test-time augmentation: N random "
+        "flips (and the training's affine) besides the scan; adds prob_std_<class> (default 0: off)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --tta views (default 0)")
-    parser.add_argument("--map-steps", type=int, default=STEPS, metavar="M", help="gradient evaluations per --maps "
-                        f"map, along a path from an empty scan (default {STEPS}; 1: plain gradient × input, fastest)")
+    parser.add_argument(
+        "--map-steps",
+        type=int,
+        default=STEPS,
+        metavar="M",
+        help="gradient evaluations per --maps "
+        f"map, along a path from an empty scan (default {STEPS}; 1: plain gradient × input, fastest)",
+    )
     parser.epilog = "Exit status: 0 all scans classified, 1 some scans failed (see the error column), 2 user error."
     return _run(argv, parser, _infer)
 
@@ -155,30 +235,53 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
     if not scans:
         raise VolumetricError(f"no scans found in {' '.join(args.inputs)}")
     if args.tta < 0:
-        raise VolumetricError(f"--tta {args.tta}: the number of augmented passes must be 0 (off) or more")
+        raise VolumetricError(
+            f"--tta {args.tta}: the number of augmented passes must be 0 (off) or more"
+        )
     if args.map_steps < 1:
-        raise VolumetricError(f"--map-steps {args.map_steps}: at least 1 gradient evaluation is needed")
-    predictor = Predictor(args.checkpoint, device=args.device or "auto", tta=args.tta, seed=args.seed,
-                          map_steps=args.map_steps)  # fmt: skip
+        raise VolumetricError(
+            f"--map-steps {args.map_steps}: at least 1 gradient evaluation is needed"
+        )
+    predictor = Predictor(
+        args.checkpoint,
+        device=args.device or "auto",
+        tta=args.tta,
+        seed=args.seed,
+        map_steps=args.map_steps,
+    )
     maps = Path(args.maps) if args.maps else None
-    predictions = predict_to_csv(predictor, scans, Path(args.output), progress=not args.no_progress, maps=maps)
+    predictions = predict_to_csv(
+        predictor, scans, Path(args.output), progress=not args.no_progress, maps=maps
+    )
     failed = sum(1 for p in predictions if p.error)
-    print(f"wrote {len(predictions)} rows to {args.output} ({failed} failed)"
-          + (f"; relevance maps in {maps}" if maps else ""))  # fmt: skip
+    print(
+        f"wrote {len(predictions)} rows to {args.output} ({failed} failed)"
+        + (f"; relevance maps in {maps}" if maps else "")
+    )
     return 1 if failed else 0
-
 
 
 # ------------------------------------------------------------------------------------------------ bench
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser("volumetric-bench", "Seq-norm vs softmax attention and volumetric vs MONAI ViT, side by side.")
-    parser.add_argument("--quick", action="store_true", help="small sizes and short caps (about 2 minutes on a CPU)")
+    parser = _parser(
+        "volumetric-bench",
+        "Seq-norm vs softmax attention and volumetric vs MONAI ViT, side by side.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and short caps (about 2 minutes on a CPU)"
+    )
     parser.add_argument("--output", default="docs/benchmarks.md", help="Markdown report to update")
-    parser.add_argument("--plot", default="docs/benchmarks.png", help="log-log plot of attention time and memory")
-    parser.add_argument("--threads", type=int, help="torch threads per case (default: torch's choice)")
-    parser.add_argument("--memory-cap-gib", type=float, default=20.0, help="skip cases predicted to need more")
+    parser.add_argument(
+        "--plot", default="docs/benchmarks.png", help="log-log plot of attention time and memory"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per case (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--memory-cap-gib", type=float, default=20.0, help="skip cases predicted to need more"
+    )
     parser.set_defaults(argv=list(sys.argv[1:] if argv is None else argv))
     return _run(argv, parser, _bench)
 
@@ -189,15 +292,21 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     from volumetric.device import resolve_device
 
     device = resolve_device(args.device or "auto")
-    settings = SuiteSettings(quick=args.quick, device=str(device), threads=args.threads,
-                             memory_cap_gib=args.memory_cap_gib)  # fmt: skip
+    settings = SuiteSettings(
+        quick=args.quick,
+        device=str(device),
+        threads=args.threads,
+        memory_cap_gib=args.memory_cap_gib,
+    )
     results = run_suite(settings)
     measured = ratios(results, settings)
     for name, value, target in measured:
         print(f"{name}: {format_ratio(value)} (target {target})")
     command = "volumetric-bench " + " ".join(args.argv)
     marker = f"{'quick' if args.quick else 'full'}-{device.type}"
-    write_markdown(Path(args.output), markdown(results, measured, settings, command.strip()), marker)
+    write_markdown(
+        Path(args.output), markdown(results, measured, settings, command.strip()), marker
+    )
     if not args.quick:
         plot(results, Path(args.plot))
     print(f"wrote {args.output}" + ("" if args.quick else f" and {args.plot}"))

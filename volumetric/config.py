@@ -37,19 +37,29 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     attention: str = "seqnorm"  # "seqnorm" (linear) or "softmax" (SDPA reference)
     dropout: float = 0.0
-    grad_checkpointing: bool = False  # recompute each block in backward: activation memory of one block
-    memory_lean: bool = False  # MLP in token chunks, hidden layer recomputed in backward (very long scans)
+    grad_checkpointing: bool = (
+        False  # recompute each block in backward: activation memory of one block
+    )
+    memory_lean: bool = (
+        False  # MLP in token chunks, hidden layer recomputed in backward (very long scans)
+    )
     pool: str = "mean"  # mean over tokens (diffuse findings) or max (small focal findings)
-    arch: str = "vit3d"  # vit3d (this method) or densenet121 (MONAI's CNN baseline; ViT keys ignored)
+    arch: str = (
+        "vit3d"  # vit3d (this method) or densenet121 (MONAI's CNN baseline; ViT keys ignored)
+    )
     in_channels: int = 1
 
 
 @dataclass
 class DataConfig:
     spacing: float | list[float] | None = None  # mm; None keeps each scan's own spacing
-    target_shape: list[int] | None = None  # voxels after resampling; None: native grid padded to a patch multiple
+    target_shape: list[int] | None = (
+        None  # voxels after resampling; None: native grid padded to a patch multiple
+    )
     intensity: str = "zscore"  # zscore (MRI, foreground), ct (HU window → [0, 1]), minmax, none
-    ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])  # HU, for intensity: ct
+    ct_window: list[float] = field(
+        default_factory=lambda: [-1000.0, 1000.0]
+    )  # HU, for intensity: ct
     canonical: bool = True  # reorient to RAS+
 
 
@@ -84,40 +94,61 @@ class Config:
     def validate(self) -> Config:
         """Check values that types alone do not catch; returns self."""
         m, d, t = self.model, self.data, self.train
-        from volumetric.models.vit3d import check_model_arguments
-
         from volumetric.models.registry import ARCHITECTURES
+        from volumetric.models.vit3d import check_model_arguments
 
         if m.arch not in ARCHITECTURES:
             raise VolumetricError(f"config model.arch={m.arch!r} is not one of {ARCHITECTURES}")
-        model_arguments = {k: v for k, v in asdict(m).items() if k not in ("grad_checkpointing", "memory_lean", "arch")}
+        model_arguments = {
+            k: v
+            for k, v in asdict(m).items()
+            if k not in ("grad_checkpointing", "memory_lean", "arch")
+        }
         try:
             check_model_arguments(**model_arguments)
         except ValueError as error:  # the message starts with the argument's name
             raise VolumetricError(f"config model.{error}") from None
         if d.intensity not in INTENSITY_MODES:
-            raise VolumetricError(f"config data.intensity={d.intensity!r} is not one of {INTENSITY_MODES}")
+            raise VolumetricError(
+                f"config data.intensity={d.intensity!r} is not one of {INTENSITY_MODES}"
+            )
         if t.precision not in PRECISIONS:
-            raise VolumetricError(f"config train.precision={t.precision!r} is not one of {PRECISIONS}")
+            raise VolumetricError(
+                f"config train.precision={t.precision!r} is not one of {PRECISIONS}"
+            )
         if d.target_shape is not None:
             patch = [m.patch_size] * 3 if isinstance(m.patch_size, int) else m.patch_size
-            if len(d.target_shape) != 3 or any(s <= 0 or s % p for s, p in zip(d.target_shape, patch)):
+            if len(d.target_shape) != 3 or any(
+                s <= 0 or s % p for s, p in zip(d.target_shape, patch)
+            ):
                 raise VolumetricError(
                     f"config data.target_shape={d.target_shape} must be three positive multiples of "
                     f"model.patch_size={m.patch_size}"
                 )
         if len(d.ct_window) != 2 or d.ct_window[0] >= d.ct_window[1]:
-            raise VolumetricError(f"config data.ct_window={d.ct_window} must be [low, high] with low < high")
+            raise VolumetricError(
+                f"config data.ct_window={d.ct_window} must be [low, high] with low < high"
+            )
         for name in ("epochs", "batch_size", "grad_accum_steps"):
             if getattr(t, name) < 1:
-                raise VolumetricError(f"config train.{name} must be at least 1, got {getattr(t, name)}")
+                raise VolumetricError(
+                    f"config train.{name} must be at least 1, got {getattr(t, name)}"
+                )
         if not 0.0 <= t.val_fraction < 1.0:
-            raise VolumetricError(f"config train.val_fraction must be in [0, 1), got {t.val_fraction}")
+            raise VolumetricError(
+                f"config train.val_fraction must be in [0, 1), got {t.val_fraction}"
+            )
         if t.lr <= 0:
             raise VolumetricError(f"config train.lr must be positive, got {t.lr}")
         for i, entry in enumerate(self.augment):
-            if not (isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry.values())) or {}, dict)):
-                raise VolumetricError(f"config augment[{i}] must be one mapping {{TransformName: {{arguments}}}}, got {entry!r}")
+            if not (
+                isinstance(entry, dict)
+                and len(entry) == 1
+                and isinstance(next(iter(entry.values())) or {}, dict)
+            ):
+                raise VolumetricError(
+                    f"config augment[{i}] must be one mapping {{TransformName: {{arguments}}}}, got {entry!r}"
+                )
         return self
 
 
@@ -149,7 +180,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
                 return _check_type(value, option, key)
             except VolumetricError:
                 continue
-        raise VolumetricError(f"config {key}={value!r} has the wrong type (expected {_type_name(annotation)})")
+        raise VolumetricError(
+            f"config {key}={value!r} has the wrong type (expected {_type_name(annotation)})"
+        )
     if annotation is type(None):
         if value is None:
             return None
@@ -171,7 +204,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     elif origin is dict or annotation is Any:
         return value
-    raise VolumetricError(f"config {key}={value!r} has the wrong type (expected {_type_name(annotation)})")
+    raise VolumetricError(
+        f"config {key}={value!r} has the wrong type (expected {_type_name(annotation)})"
+    )
 
 
 def _type_name(annotation: Any) -> str:
@@ -184,7 +219,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise VolumetricError(f"config must be a mapping of sections, got {type(raw).__name__}")
     unknown = set(raw) - {f.name for f in fields(Config)}
     if unknown:
-        raise VolumetricError(f"unknown config section(s) {sorted(unknown)}; known: model, data, augment, train")
+        raise VolumetricError(
+            f"unknown config section(s) {sorted(unknown)}; known: model, data, augment, train"
+        )
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
@@ -194,11 +231,17 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         known = {f.name for f in fields(cls)}
         for key in values:
             if key not in known:
-                raise VolumetricError(f"unknown config key {name}.{key}; known keys of {name}: {', '.join(sorted(known))}")
-        sections[name] = cls(**{k: _check_type(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+                raise VolumetricError(
+                    f"unknown config key {name}.{key}; known keys of {name}: {', '.join(sorted(known))}"
+                )
+        sections[name] = cls(
+            **{k: _check_type(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+        )
     augment = raw.get("augment") or []
     if not isinstance(augment, list):
-        raise VolumetricError(f"config augment must be a list of {{TransformName: {{arguments}}}}, got {augment!r}")
+        raise VolumetricError(
+            f"config augment must be a list of {{TransformName: {{arguments}}}}, got {augment!r}"
+        )
     return Config(augment=augment, **sections).validate()
 
 
@@ -208,13 +251,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, text = item.removeprefix("--").partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
-            raise VolumetricError(f"override {item!r} must look like --section.key=value, e.g. --train.epochs=5")
+            raise VolumetricError(
+                f"override {item!r} must look like --section.key=value, e.g. --train.epochs=5"
+            )
         if section not in SECTIONS:
-            raise VolumetricError(f"unknown config section in override {item!r}; known: {', '.join(SECTIONS)}")
+            raise VolumetricError(
+                f"unknown config section in override {item!r}; known: {', '.join(SECTIONS)}"
+            )
         try:
             value = _parse_yaml(text) if text else None
         except yaml.YAMLError as error:
-            raise VolumetricError(f"override {item!r}: value is not valid YAML ({error.problem})") from None
+            raise VolumetricError(
+                f"override {item!r}: value is not valid YAML ({error.problem})"
+            ) from None
         section_values = raw.setdefault(section, {}) or {}
         raw[section] = section_values
         section_values[name] = value
@@ -242,4 +291,3 @@ def save_config(config: Config, path: str | Path) -> None:
     from volumetric.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
-

@@ -26,9 +26,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise VolumetricError(f"device {name!r} is not a valid torch device (auto, cpu, cuda, cuda:1, ...)") from None
+        raise VolumetricError(
+            f"device {name!r} is not a valid torch device (auto, cpu, cuda, cuda:1, ...)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise VolumetricError(f"device {name!r} was asked for but CUDA is not available on this machine")
+        raise VolumetricError(
+            f"device {name!r} was asked for but CUDA is not available on this machine"
+        )
     return device
 
 
@@ -42,7 +46,10 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         raise VolumetricError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
     dtype = _DTYPES[precision]
     if dtype is not None and device.type == "cpu":
-        log.warning("precision %s on the CPU is much slower than fp32 here; use it only to test autocast", precision)
+        log.warning(
+            "precision %s on the CPU is much slower than fp32 here; use it only to test autocast",
+            precision,
+        )
     return dtype
 
 
@@ -69,7 +76,9 @@ def keep_cpu_memory_for_reuse() -> bool:
     import os
     import sys
 
-    if os.environ.get("VOLUMETRIC_CPU_ALLOCATOR") == "system" or not sys.platform.startswith("linux"):
+    if os.environ.get("VOLUMETRIC_CPU_ALLOCATOR") == "system" or not sys.platform.startswith(
+        "linux"
+    ):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -43,10 +43,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prediction:
     path: Path
-    probs: list[float] = field(default_factory=list)  # one per class (mean over TTA passes); empty when the scan failed
+    probs: list[float] = field(
+        default_factory=list
+    )  # one per class (mean over TTA passes); empty when the scan failed
     error: str = ""
-    probs_std: list[float] = field(default_factory=list)  # std over the TTA passes, one per class; empty without TTA
-    relevance: RelevanceMap | None = field(default=None, repr=False)  # when asked for with explain=True
+    probs_std: list[float] = field(
+        default_factory=list
+    )  # std over the TTA passes, one per class; empty without TTA
+    relevance: RelevanceMap | None = field(
+        default=None, repr=False
+    )  # when asked for with explain=True
 
 
 class Predictor:
@@ -56,12 +62,24 @@ class Predictor:
     gradient evaluations per relevance map (``explain=True``), 1 for plain gradient × input.
     """
 
-    def __init__(self, checkpoint: str | Path, *, device: str = "auto", precision: str = "auto", tta: int = 0,
-                 seed: int = 0, map_steps: int = STEPS):  # fmt: skip
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        tta: int = 0,
+        seed: int = 0,
+        map_steps: int = STEPS,
+    ):
         if isinstance(tta, bool) or not isinstance(tta, int) or tta < 0:
-            raise VolumetricError(f"tta must be a number of augmented passes, 0 or more, got {tta!r}")
+            raise VolumetricError(
+                f"tta must be a number of augmented passes, 0 or more, got {tta!r}"
+            )
         if isinstance(map_steps, bool) or not isinstance(map_steps, int) or map_steps < 1:
-            raise VolumetricError(f"map_steps must be 1 (plain gradient × input) or more, got {map_steps!r}")
+            raise VolumetricError(
+                f"map_steps must be 1 (plain gradient × input) or more, got {map_steps!r}"
+            )
         state = load_checkpoint(checkpoint)
         self.checkpoint = Path(checkpoint)
         self.tta, self.seed, self.map_steps = tta, seed, map_steps
@@ -80,8 +98,10 @@ class Predictor:
     def check_explainable(self) -> None:
         """Relevance maps need the token model; a VolumetricError for any other architecture."""
         if not isinstance(self.model, VolumeTransformer):
-            raise VolumetricError(f"{self.checkpoint}: relevance maps need a vit3d checkpoint, this model is a "
-                                  f"{type(self.model).__name__}")  # fmt: skip
+            raise VolumetricError(
+                f"{self.checkpoint}: relevance maps need a vit3d checkpoint, this model is a "
+                f"{type(self.model).__name__}"
+            )
 
     @torch.no_grad()
     def __call__(self, scan: Path, *, explain: bool = False) -> Prediction:
@@ -97,21 +117,37 @@ class Predictor:
                     self.check_explainable()
 
                     def final_class(logits: torch.Tensor) -> int:  # the class the row will name
-                        return int(torch.stack([*probs, logits.float().softmax(dim=1)[0].cpu()]).mean(dim=0).argmax())
+                        return int(
+                            torch.stack([*probs, logits.float().softmax(dim=1)[0].cpu()])
+                            .mean(dim=0)
+                            .argmax()
+                        )
 
-                    logits, relevance = relevance_map(self.model, image, subject.image.affine, original,
-                                                      target=final_class, steps=self.map_steps)  # fmt: skip
+                    logits, relevance = relevance_map(
+                        self.model,
+                        image,
+                        subject.image.affine,
+                        original,
+                        target=final_class,
+                        steps=self.map_steps,
+                    )
                 else:
                     logits = self.model(image)  # (1, num_classes)
         except VolumetricError as error:
             return Prediction(scan, error=str(error))
         except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
             return Prediction(scan, error=f"{scan}: {first_line(error)}")
-        passes = torch.stack([logits.float().softmax(dim=1)[0].cpu(), *probs])  # (1 + tta, num_classes)
+        passes = torch.stack(
+            [logits.float().softmax(dim=1)[0].cpu(), *probs]
+        )  # (1 + tta, num_classes)
         if not self.tta:
             return Prediction(scan, probs=passes[0].tolist(), relevance=relevance)
-        return Prediction(scan, probs=passes.mean(dim=0).tolist(), probs_std=passes.std(dim=0).tolist(),
-                          relevance=relevance)  # fmt: skip
+        return Prediction(
+            scan,
+            probs=passes.mean(dim=0).tolist(),
+            probs_std=passes.std(dim=0).tolist(),
+            relevance=relevance,
+        )
 
     def _augmented_probs(self, subject) -> list[torch.Tensor]:
         """Class probabilities (num_classes,) of ``self.tta`` random views of the preprocessed subject,
@@ -122,7 +158,9 @@ class Predictor:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             for _ in range(self.tta):
-                view = self.views(subject).image.data.float().unsqueeze(0).to(self.device)  # (1, C, W, H, D)
+                view = (
+                    self.views(subject).image.data.float().unsqueeze(0).to(self.device)
+                )  # (1, C, W, H, D)
                 with autocast(self.device, self.dtype):
                     probs.append(self.model(view).float().softmax(dim=1)[0].cpu())
         return probs
@@ -137,11 +175,23 @@ class Predictor:
             return [str(prediction.path), "", *([""] * columns), prediction.error]
         best = max(range(len(prediction.probs)), key=prediction.probs.__getitem__)
         std = [f"{s:.6f}" for s in prediction.probs_std] if self.tta else []
-        return [str(prediction.path), self.class_names[best], *(f"{p:.6f}" for p in prediction.probs), *std, ""]
+        return [
+            str(prediction.path),
+            self.class_names[best],
+            *(f"{p:.6f}" for p in prediction.probs),
+            *std,
+            "",
+        ]
 
 
-def predict_to_csv(predictor: Predictor, scans: list[Path], output: Path, *, progress: bool = True,
-                   maps: Path | None = None) -> list[Prediction]:  # fmt: skip
+def predict_to_csv(
+    predictor: Predictor,
+    scans: list[Path],
+    output: Path,
+    *,
+    progress: bool = True,
+    maps: Path | None = None,
+) -> list[Prediction]:
     """Classify every scan and write the CSV atomically; returns the predictions, failures included.
 
     With ``maps``, each scan that is classified also gets its relevance map (NIfTI and PNG) there,
@@ -159,8 +209,12 @@ def predict_to_csv(predictor: Predictor, scans: list[Path], output: Path, *, pro
             name = predictor.class_names[prediction.relevance.target]
             try:
                 save_relevance(prediction.relevance, Path(maps), names[index], name)
-            except OSError as error:  # the output folder, not the scan: every other scan would fail alike
-                raise VolumetricError(f"{maps}: cannot write relevance maps ({error.strerror or error})") from None
+            except (
+                OSError
+            ) as error:  # the output folder, not the scan: every other scan would fail alike
+                raise VolumetricError(
+                    f"{maps}: cannot write relevance maps ({error.strerror or error})"
+                ) from None
             prediction.relevance = None  # written; do not keep every map in memory
         predictions.append(prediction)
     atomic_write_csv(output, predictor.header(), [predictor.row(p) for p in predictions])

@@ -9,9 +9,10 @@ import csv
 import io
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -38,7 +39,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; the result gets a normal file's mode
+        os.chmod(
+            tmp, 0o666 & ~_current_umask()
+        )  # mkstemp makes 0600; the result gets a normal file's mode
         with open(tmp, "rb") as handle:  # on disk before the rename: a power cut leaves old or new
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_scan
 
 from volumetric.data.discovery import class_indices, discover, find_scans
 from volumetric.data.split import stratified_split
 from volumetric.errors import VolumetricError
-
-from conftest import write_scan
 
 
 def touch_scan(path: Path) -> Path:
@@ -97,7 +96,9 @@ def write_manifest(path: Path, text: str) -> Path:
 def test_csv_manifest_relative_and_absolute_paths(tmp_path):
     a = touch_scan(tmp_path / "meta" / "scans" / "a.nii.gz")
     b = touch_scan(tmp_path / "elsewhere" / "b.nii")
-    manifest = write_manifest(tmp_path / "meta" / "list.csv", f"path,label,age\nscans/a.nii.gz,healthy,3\n{b},lesion,4\n")
+    manifest = write_manifest(
+        tmp_path / "meta" / "list.csv", f"path,label,age\nscans/a.nii.gz,healthy,3\n{b},lesion,4\n"
+    )
     items = discover(manifest)
     assert items == [(tmp_path / "meta" / "scans" / "a.nii.gz", "healthy"), (b, "lesion")]
     assert items[0][0].resolve() == a.resolve()
@@ -122,12 +123,16 @@ def test_csv_missing_path_raises(tmp_path):
 
 def test_csv_duplicate_row_raises(tmp_path):
     touch_scan(tmp_path / "sub" / "a.nii")
-    manifest = write_manifest(tmp_path / "m.csv", f"path,label\nsub/a.nii,x\n{tmp_path / 'sub' / 'a.nii'},x\n")
+    manifest = write_manifest(
+        tmp_path / "m.csv", f"path,label\nsub/a.nii,x\n{tmp_path / 'sub' / 'a.nii'},x\n"
+    )
     with pytest.raises(VolumetricError, match="twice"):
         discover(manifest)
 
 
-@pytest.mark.parametrize("text", ["file,label\na.nii,x\n", "path,class\na.nii,x\n", "path\na.nii\n", "path,label\n", ""])
+@pytest.mark.parametrize(
+    "text", ["file,label\na.nii,x\n", "path,class\na.nii,x\n", "path\na.nii\n", "path,label\n", ""]
+)
 def test_csv_missing_columns_or_rows_raises(tmp_path, text):
     touch_scan(tmp_path / "a.nii")
     with pytest.raises(VolumetricError, match="path,label"):

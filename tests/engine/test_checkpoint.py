@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from volumetric.engine.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
+from volumetric.engine.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from volumetric.errors import VolumetricError
 from volumetric.models.vit3d import VolumeTransformer
 
@@ -16,8 +21,14 @@ MODEL_ARGS = dict(num_classes=2, patch_size=4, embed_dim=24, depth=1, num_heads=
 
 
 def good_checkpoint(path: Path) -> Path:
-    save_checkpoint(path, model=VolumeTransformer(**MODEL_ARGS), model_args=MODEL_ARGS, class_names=["a", "b"],
-                    preprocessing={"patch_size": 4}, config={})  # fmt: skip
+    save_checkpoint(
+        path,
+        model=VolumeTransformer(**MODEL_ARGS),
+        model_args=MODEL_ARGS,
+        class_names=["a", "b"],
+        preprocessing={"patch_size": 4},
+        config={},
+    )
     return path
 
 
@@ -57,7 +68,9 @@ def test_other_format_version_is_a_clear_error(tmp_path):
     state = torch.load(path, weights_only=True)
     state["format_version"] = FORMAT_VERSION + 1
     torch.save(state, path)
-    with pytest.raises(VolumetricError, match=f"format version {FORMAT_VERSION + 1} is not supported"):
+    with pytest.raises(
+        VolumetricError, match=f"format version {FORMAT_VERSION + 1} is not supported"
+    ):
         load_checkpoint(path)
 
 
@@ -74,7 +87,11 @@ def test_weights_of_another_model_are_a_clear_error(change, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"\x80\x04not a pickle"], ids=["empty", "zip", "pickle"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"PK\x03\x04 truncated zip", b"\x80\x04not a pickle"],
+    ids=["empty", "zip", "pickle"],
+)
 def test_unreadable_checkpoint(content, tmp_path):
     path = tmp_path / "broken.pt"
     path.write_bytes(content)

@@ -13,12 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_tiny_dataset
+
 from volumetric.cli import infer_main, train_main
 from volumetric.data.sampler import EpochSampler, strided_shard
 from volumetric.engine.checkpoint import load_checkpoint
-from volumetric.engine.distributed import all_gather, all_reduce_max, all_reduce_sum, barrier, distributed_session
+from volumetric.engine.distributed import (
+    all_gather,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    distributed_session,
+)
 from volumetric.engine.evaluate import evaluate_checkpoint
 
 CONFIG = {
@@ -61,12 +67,29 @@ def torchrun(*args: str, cwd: Path, fault: str = "") -> subprocess.CompletedProc
     """``torchrun --standalone --nproc_per_node=2 ARGS`` (a free port is picked by the rendezvous)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "FAULT": fault}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *args,
+    ]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
 
 
 def train_args(data: dict[str, Path], run: Path, *extra: str) -> list[str]:
-    return [str(data["train"]), "--val", str(data["val"]), "--output-dir", str(run), "--no-progress", *extra]
+    return [
+        str(data["train"]),
+        "--val",
+        str(data["val"]),
+        "--output-dir",
+        str(run),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def metric_rows(run: Path) -> list[dict[str, str]]:
@@ -85,14 +108,25 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy(scan, target / scan.name)
     (root / "tiny.yaml").write_text(yaml.safe_dump(CONFIG))
-    return {"root": root, "train": root / "train", "val": root / "val", "config": root / "tiny.yaml"}
+    return {
+        "root": root,
+        "train": root / "train",
+        "val": root / "val",
+        "config": root / "tiny.yaml",
+    }
 
 
 @pytest.fixture(scope="module")
 def ddp_run(data: dict[str, Path]) -> tuple[Path, subprocess.CompletedProcess]:
     """One finished 2-epoch run on 2 processes, launched as a module: ``torchrun -m volumetric train``."""
     run = data["root"] / "run"
-    done = torchrun("-m", "volumetric", "train", *train_args(data, run, "--config", str(data["config"])), cwd=data["root"])
+    done = torchrun(
+        "-m",
+        "volumetric",
+        "train",
+        *train_args(data, run, "--config", str(data["config"])),
+        cwd=data["root"],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return run, done
 
@@ -108,11 +142,17 @@ def test_shards_are_disjoint_and_cover_the_permutation(n, world):
         sampler.epoch = 3
     order = samplers[0].order()
     shards = [s.shard() for s in samplers]
-    assert all(len(shard) == len(s) == -(-n // world) for shard, s in zip(shards, samplers))  # equal sizes
+    assert all(
+        len(shard) == len(s) == -(-n // world) for shard, s in zip(shards, samplers)
+    )  # equal sizes
     interleaved = [shards[r][k] for k in range(len(shards[0])) for r in range(world)]
-    assert interleaved[:n] == order  # rank::world of the permutation: together every item once, in order
+    assert (
+        interleaved[:n] == order
+    )  # rank::world of the permutation: together every item once, in order
     padding = interleaved[n:]
-    assert len(padding) == -n % world and all(i in order for i in padding)  # only to even out the shards
+    assert len(padding) == -n % world and all(
+        i in order for i in padding
+    )  # only to even out the shards
     if n >= world:
         assert len(set(padding)) == len(padding)
 
@@ -162,7 +202,10 @@ def test_two_processes_write_one_run_folder(ddp_run):
     assert not any(name.endswith(".tmp") for name in names)
     rows = metric_rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]  # one row per epoch: written by rank 0 alone
-    assert [int(r["step"]) for r in rows] == [2, 4]  # 4 batches of 2 per process and epoch, 2 accumulated per step
+    assert [int(r["step"]) for r in rows] == [
+        2,
+        4,
+    ]  # 4 batches of 2 per process and epoch, 2 accumulated per step
     assert done.stdout.count("best epoch") == 1  # only rank 0 reports
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 2 and state["world_size"] == 2 and state["partial"] is None
@@ -172,9 +215,16 @@ def test_checkpoint_is_plain_and_infers(ddp_run, data, tmp_path):
     run, _ = ddp_run
     for name in ("best.pt", "last.pt"):
         state = load_checkpoint(run / name)
-        assert not [k for k in state["model"] if k.startswith("module.")]  # the unwrapped model was saved
+        assert not [
+            k for k in state["model"] if k.startswith("module.")
+        ]  # the unwrapped model was saved
     output = tmp_path / "predictions.csv"
-    assert infer_main([str(run / "best.pt"), str(data["val"]), "--output", str(output), "--no-progress"]) == 0
+    assert (
+        infer_main(
+            [str(run / "best.pt"), str(data["val"]), "--output", str(output), "--no-progress"]
+        )
+        == 0
+    )
     assert len(output.read_text().strip().splitlines()) == 1 + 5
 
 
@@ -182,7 +232,9 @@ def test_validation_covers_the_whole_set_once(ddp_run, data, tmp_path):
     """The epoch-2 validation metrics, gathered from the two shards (3 + 2 scans), equal volumetric.engine.evaluate
     on the validation folder with the weights saved after epoch 2: a scan counted twice, or missed, would show."""
     run, _ = ddp_run
-    metrics = evaluate_checkpoint(run / "last.pt", data["val"], tmp_path / "eval", device="cpu", progress=False)
+    metrics = evaluate_checkpoint(
+        run / "last.pt", data["val"], tmp_path / "eval", device="cpu", progress=False
+    )
     assert metrics["num_scans"] == 5
     last = metric_rows(run)[-1]
     assert float(last["val_loss"]) == pytest.approx(metrics["loss"], abs=1e-5)
@@ -198,27 +250,46 @@ def test_signal_to_one_process_stops_both_and_resume_is_exact(ddp_run, data, tmp
     script, run = tmp_path / "faulty_train.py", tmp_path / "run"
     script.write_text(FAULTY_TRAIN)
     # rank 1, epoch 2, batch 2: the optimizer step after it leaves 2 batches of the epoch to go
-    stopped = torchrun(str(script), *train_args(data, run, "--config", str(data["config"])), cwd=tmp_path,
-                       fault="sigterm:1:6")  # fmt: skip
+    stopped = torchrun(
+        str(script),
+        *train_args(data, run, "--config", str(data["config"])),
+        cwd=tmp_path,
+        fault="sigterm:1:6",
+    )
     assert stopped.returncode != 0
     # rank 0 alone reports (at most once: torchrun may end it before it prints, once rank 1 has exited)
-    assert stopped.stderr.count("stopped by signal 15 in epoch 2 after 2 batches") <= 1, stopped.stderr[-3000:]
+    assert stopped.stderr.count("stopped by signal 15 in epoch 2 after 2 batches") <= 1, (
+        stopped.stderr[-3000:]
+    )
     state = load_checkpoint(run / "last.pt")
-    assert state["epoch"] == 1 and state["partial"]["batch"] == 2 and len(state["partial"]["rngs"]) == 2
+    assert (
+        state["epoch"] == 1
+        and state["partial"]["batch"] == 2
+        and len(state["partial"]["rngs"]) == 2
+    )
     script_path = shutil.which("volumetric-train", path=str(Path(sys.executable).parent))
     launcher = [script_path] if script_path else ["-m", "volumetric", "train"]
     resumed = torchrun(*launcher, *train_args(data, run, "--resume"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final, expected = load_checkpoint(run / "last.pt")["model"], load_checkpoint(reference / "last.pt")["model"]
+    final, expected = (
+        load_checkpoint(run / "last.pt")["model"],
+        load_checkpoint(reference / "last.pt")["model"],
+    )
     assert all(torch.equal(final[k], expected[k]) for k in expected)
-    assert [r["train_loss"] for r in metric_rows(run)] == [r["train_loss"] for r in metric_rows(reference)]
+    assert [r["train_loss"] for r in metric_rows(run)] == [
+        r["train_loss"] for r in metric_rows(reference)
+    ]
 
 
 def test_nan_on_one_process_stops_both(data, tmp_path):
     script = tmp_path / "faulty_train.py"
     script.write_text(FAULTY_TRAIN)
-    done = torchrun(str(script), *train_args(data, tmp_path / "run", "--config", str(data["config"])), cwd=tmp_path,
-                    fault="nan:1:5")  # rank 1, first batch of epoch 2  # fmt: skip
+    done = torchrun(
+        str(script),
+        *train_args(data, tmp_path / "run", "--config", str(data["config"])),
+        cwd=tmp_path,
+        fault="nan:1:5",
+    )  # rank 1, first batch of epoch 2
     assert done.returncode != 0  # and it returned at all: rank 0 did not wait forever for rank 1
     assert "training loss became nan at epoch 2, step 2" in done.stderr, done.stderr[-3000:]
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1  # the last good state
@@ -232,5 +303,7 @@ def test_resume_on_one_process(ddp_run, data, tmp_path):
     rows = metric_rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert int(rows[2]["step"]) == 4 + 4  # one process: 15 scans in 8 batches of 2, 2 per step
-    assert float(rows[2]["lr"]) == pytest.approx(0.0, abs=1e-12)  # the cosine ends with the last epoch
+    assert float(rows[2]["lr"]) == pytest.approx(
+        0.0, abs=1e-12
+    )  # the cosine ends with the last epoch
     assert load_checkpoint(run / "last.pt")["world_size"] == 1

@@ -15,10 +15,15 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from test_cli import train, write_config
+
 from volumetric.cli import evaluate_main
-from volumetric.engine.metrics import bootstrap_auroc, classification_metrics, evaluation_report, roc_curves
+from volumetric.engine.metrics import (
+    bootstrap_auroc,
+    classification_metrics,
+    evaluation_report,
+    roc_curves,
+)
 from volumetric.engine.plots import plot_confusion_matrix, plot_learning_curves, plot_roc
 from volumetric.engine.run_log import RunLog
 
@@ -35,7 +40,14 @@ BINARY_LESION = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.55, 0.8, 0.9, 0.45]
 # (0.4 < 0.5 of a c scan), class c 7.5/8 (0.3 ties with a b scan) → macro (1 + 7/8 + 15/16) / 3 = 15/16.
 #   predictions a a b b c b → confusion [[2, 0, 0], [0, 2, 0], [0, 1, 1]]
 THREE_LABELS = [0, 0, 1, 1, 2, 2]
-THREE_PROBS = [[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.1, 0.7, 0.2], [0.3, 0.4, 0.3], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3]]
+THREE_PROBS = [
+    [0.8, 0.1, 0.1],
+    [0.6, 0.3, 0.1],
+    [0.1, 0.7, 0.2],
+    [0.3, 0.4, 0.3],
+    [0.1, 0.2, 0.7],
+    [0.2, 0.5, 0.3],
+]
 
 
 def binary_probs() -> torch.Tensor:
@@ -60,15 +72,23 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     rounded to 6 decimals (they are stored as float32)."""
     events = EventAccumulator(str(logdir))
     events.Reload()
-    return {tag: [(e.step, round(e.value, 6)) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {
+        tag: [(e.step, round(e.value, 6)) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
 
 
 # ---------------------------------------------------------------------------------------------- metrics
 
 
 def test_report_binary_known_values():
-    report = evaluation_report(binary_probs(), torch.tensor(BINARY_LABELS), ["healthy", "lesion"], loss=0.25,
-                               bootstrap_resamples=200)  # fmt: skip
+    report = evaluation_report(
+        binary_probs(),
+        torch.tensor(BINARY_LABELS),
+        ["healthy", "lesion"],
+        loss=0.25,
+        bootstrap_resamples=200,
+    )
     assert report["num_scans"] == 10 and report["loss"] == 0.25
     assert report["accuracy"] == pytest.approx(0.7)
     assert report["balanced_accuracy"] == pytest.approx((3 / 4 + 4 / 6) / 2)
@@ -84,11 +104,16 @@ def test_report_binary_known_values():
     assert report["confusion_matrix"]["rows"] == "true class"
     low, high = report["auroc_ci95"]
     assert low <= 5 / 6 <= high and 0.0 <= low < high <= 1.0
-    assert report["auroc_bootstrap"]["resamples"] == 200 and 0 < report["auroc_bootstrap"]["used"] <= 200
+    assert (
+        report["auroc_bootstrap"]["resamples"] == 200
+        and 0 < report["auroc_bootstrap"]["used"] <= 200
+    )
     json.dumps(report, allow_nan=False)  # valid JSON: no NaN anywhere
     # the cheap training-time metrics agree with the report
     cheap = classification_metrics(binary_probs().float(), torch.tensor(BINARY_LABELS))
-    assert cheap == pytest.approx({k: report[k] for k in ("accuracy", "balanced_accuracy", "auroc")})
+    assert cheap == pytest.approx(
+        {k: report[k] for k in ("accuracy", "balanced_accuracy", "auroc")}
+    )
 
 
 def test_report_three_classes_macro_one_vs_rest():
@@ -98,16 +123,27 @@ def test_report_three_classes_macro_one_vs_rest():
     assert report["auroc"] == pytest.approx(15 / 16)
     assert report["confusion_matrix"]["matrix"] == [[2, 0, 0], [0, 2, 0], [0, 1, 1]]
     assert report["accuracy"] == pytest.approx(5 / 6)
-    assert report["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and report["per_class"]["c"]["recall"] == 0.5
+    assert (
+        report["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+        and report["per_class"]["c"]["recall"] == 0.5
+    )
     assert classification_metrics(probs, labels)["auroc"] == pytest.approx(15 / 16)
     curves = roc_curves(probs, labels)
-    assert sorted(curves) == [0, 1, 2] and [a for _, _, a in curves.values()] == pytest.approx([1.0, 7 / 8, 15 / 16])
+    assert sorted(curves) == [0, 1, 2] and [a for _, _, a in curves.values()] == pytest.approx(
+        [1.0, 7 / 8, 15 / 16]
+    )
     # a class absent from the data: no AUROC for it, the macro averages the classes present
     present = labels < 2
-    partial = evaluation_report(probs[present], labels[present], ["a", "b", "c"], bootstrap_resamples=50)
-    assert partial["per_class"]["c"]["auroc"] is None and partial["per_class"]["c"]["recall"] is None
+    partial = evaluation_report(
+        probs[present], labels[present], ["a", "b", "c"], bootstrap_resamples=50
+    )
+    assert (
+        partial["per_class"]["c"]["auroc"] is None and partial["per_class"]["c"]["recall"] is None
+    )
     assert partial["per_class"]["c"]["support"] == 0
-    assert partial["auroc"] == pytest.approx(np.mean([partial["per_class"][c]["auroc"] for c in "ab"]))
+    assert partial["auroc"] == pytest.approx(
+        np.mean([partial["per_class"][c]["auroc"] for c in "ab"])
+    )
 
 
 def test_report_single_class_is_null_with_a_reason(tmp_path):
@@ -117,24 +153,34 @@ def test_report_single_class_is_null_with_a_reason(tmp_path):
     assert report["auroc"] is None and report["auroc_ci95"] is None
     assert report["auroc_bootstrap"]["used"] == 0
     assert "only one class (healthy)" in report["auroc_note"]
-    assert report["accuracy"] == pytest.approx(2 / 3) and report["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert report["accuracy"] == pytest.approx(2 / 3) and report[
+        "balanced_accuracy"
+    ] == pytest.approx(2 / 3)
     assert report["per_class"]["lesion"]["recall"] is None  # no lesion scan: recall undefined
     assert report["per_class"]["lesion"]["precision"] == 0.0  # predicted once, wrongly
     assert report["confusion_matrix"]["matrix"] == [[2, 1], [0, 0]]
     assert "NaN" not in json.dumps(report)
-    assert math.isnan(classification_metrics(probs, labels)["auroc"])  # training validation: NaN, no crash
+    assert math.isnan(
+        classification_metrics(probs, labels)["auroc"]
+    )  # training validation: NaN, no crash
     assert roc_curves(probs, labels) == {}
-    plot_roc({}, ["healthy", "lesion"], tmp_path / "roc.png", macro_auroc=None, note=report["auroc_note"])
+    plot_roc(
+        {}, ["healthy", "lesion"], tmp_path / "roc.png", macro_auroc=None, note=report["auroc_note"]
+    )
     assert_png(tmp_path / "roc.png")
 
 
 def test_bootstrap_is_seeded_and_skips_one_class_resamples():
     probs, labels = binary_probs().numpy(), np.array(BINARY_LABELS)
     first = bootstrap_auroc(probs, labels, resamples=200, seed=7)
-    assert first == bootstrap_auroc(probs, labels, resamples=200, seed=7)  # same seed, same interval
+    assert first == bootstrap_auroc(
+        probs, labels, resamples=200, seed=7
+    )  # same seed, same interval
     assert first != bootstrap_auroc(probs, labels, resamples=200, seed=8)
     assert first["low"] <= 5 / 6 <= first["high"]
-    assert first["resamples"] == 200 and 190 <= first["used"] <= 200  # one class only: 0.6^10 + 0.4^10 ≈ 0.6%
+    assert (
+        first["resamples"] == 200 and 190 <= first["used"] <= 200
+    )  # one class only: 0.6^10 + 0.4^10 ≈ 0.6%
     # three scans, one positive: (2/3)^3 + (1/3)^3 = 1/3 of the resamples hold one class only and are skipped
     tiny = bootstrap_auroc(probs[[0, 1, 7]], labels[[0, 1, 7]], resamples=300, seed=0)
     assert 150 < tiny["used"] < 250
@@ -157,11 +203,23 @@ def test_plots_are_valid_pngs(tmp_path):
     probs, labels = torch.tensor(THREE_PROBS), torch.tensor(THREE_LABELS)
     plot_roc(roc_curves(probs, labels), names, tmp_path / "roc3.png", macro_auroc=15 / 16)
     assert_png(tmp_path / "roc3.png")
-    history = [{"epoch": e, "step": 4 * e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_accuracy": 0.5 + e / 10,
-                "val_balanced_accuracy": 0.5, "val_auroc": math.nan if e == 1 else 0.7} for e in (1, 2, 3)]  # fmt: skip
+    history = [
+        {
+            "epoch": e,
+            "step": 4 * e,
+            "train_loss": 1.0 / e,
+            "val_loss": 1.2 / e,
+            "val_accuracy": 0.5 + e / 10,
+            "val_balanced_accuracy": 0.5,
+            "val_auroc": math.nan if e == 1 else 0.7,
+        }
+        for e in (1, 2, 3)
+    ]
     plot_learning_curves(history, tmp_path / "curves.png")
     assert_png(tmp_path / "curves.png")
-    plot_learning_curves([{"epoch": 1, "step": 2, "train_loss": 0.7}], tmp_path / "no_val.png")  # no validation
+    plot_learning_curves(
+        [{"epoch": 1, "step": 2, "train_loss": 0.7}], tmp_path / "no_val.png"
+    )  # no validation
     assert_png(tmp_path / "no_val.png")
 
 
@@ -170,14 +228,25 @@ def test_plots_are_valid_pngs(tmp_path):
 
 def test_run_log_appends_and_purges_on_resume(tmp_path):
     """A killed run logged steps 1-10 but last.pt holds step 6: the resumed run's steps 7-8 replace them."""
-    history = [{"epoch": 1, "step": 6, "lr": 0.1, "train_loss": 0.9, "val_loss": 0.8, "val_auroc": math.nan}]
+    history = [
+        {
+            "epoch": 1,
+            "step": 6,
+            "lr": 0.1,
+            "train_loss": 0.9,
+            "val_loss": 0.8,
+            "val_auroc": math.nan,
+        }
+    ]
     with RunLog(tmp_path) as run_log:
         for step in range(1, 11):
             run_log.log_step(step, 1.0)
         run_log.log_epoch(history)
     assert_png(tmp_path / "learning_curves.png")
     time.sleep(1.1)  # event files are named by the second they were opened
-    history.append({"epoch": 2, "step": 8, "lr": 0.05, "train_loss": 0.5, "val_loss": 0.6, "val_auroc": 0.75})
+    history.append(
+        {"epoch": 2, "step": 8, "lr": 0.05, "train_loss": 0.5, "val_loss": 0.6, "val_auroc": 0.75}
+    )
     with RunLog(tmp_path, start_step=6) as run_log:
         for step in (7, 8):
             run_log.log_step(step, 2.0)
@@ -214,7 +283,14 @@ def test_training_writes_tensorboard_and_learning_curves(report_run):
     assert len(list((report_run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     logged = scalars(report_run / "tensorboard")
     assert [s for s, _ in logged["train/batch_loss"]] == list(range(1, 9))
-    for tag in ("train/loss", "train/lr", "val/loss", "val/accuracy", "val/balanced_accuracy", "val/auroc"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "val/loss",
+        "val/accuracy",
+        "val/balanced_accuracy",
+        "val/auroc",
+    ):
         assert [s for s, _ in logged[tag]] == [4, 8], tag
     assert [v for _, v in logged["train/epoch"]] == [1.0, 2.0]
 
@@ -237,10 +313,24 @@ def test_resume_appends_to_tensorboard(report_run, tiny_dataset_shared, tmp_path
 
 def test_evaluate_writes_report_files(report_run, tiny_dataset_shared, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert evaluate_main([str(report_run / "best.pt"), str(tiny_dataset_shared), "--output-dir", str(out),
-                          "--no-progress"]) == 0  # fmt: skip
-    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "metrics.json", "predictions.csv",
-                                                     "roc.png"]  # fmt: skip
+    assert (
+        evaluate_main(
+            [
+                str(report_run / "best.pt"),
+                str(tiny_dataset_shared),
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png",
+        "metrics.json",
+        "predictions.csv",
+        "roc.png",
+    ]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_scans"] == 20 and math.isfinite(metrics["loss"])
     assert metrics["class_names"] == ["healthy", "lesion"]
@@ -248,7 +338,10 @@ def test_evaluate_writes_report_files(report_run, tiny_dataset_shared, tmp_path,
     assert matrix.shape == (2, 2) and matrix.sum() == 20 and list(matrix.sum(axis=1)) == [10, 10]
     assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / 20)
     assert [metrics["per_class"][c]["support"] for c in ("healthy", "lesion")] == [10, 10]
-    assert metrics["auroc_bootstrap"]["resamples"] == 1000 and metrics["auroc_bootstrap"]["used"] == 1000
+    assert (
+        metrics["auroc_bootstrap"]["resamples"] == 1000
+        and metrics["auroc_bootstrap"]["used"] == 1000
+    )
     low, high = metrics["auroc_ci95"]
     assert low <= metrics["auroc"] <= high
     assert_png(out / "confusion_matrix.png")

@@ -16,7 +16,9 @@ from volumetric.layers.attention import (
 )
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS
+) -> torch.Tensor:
     """Q̂ K̂ᵀ V / N with the N×N matrix formed, written out independently of the library (float64)."""
     q, k, v = q.double(), k.double(), v.double()
     n = q.shape[-2]
@@ -33,12 +35,22 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: f
 def qkv(b, h, n, d, dtype=torch.float64, scale=1.0, shift=0.0, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(b, h, n, d, generator=g, dtype=dtype) * scale + shift).requires_grad_(requires_grad)
+        (torch.randn(b, h, n, d, generator=g, dtype=dtype) * scale + shift).requires_grad_(
+            requires_grad
+        )
         for _ in range(3)
     ]
 
 
-SHAPES = [(1, 1, 1, 4), (1, 1, 2, 4), (2, 1, 7, 8), (1, 3, 16, 4), (3, 2, 33, 8), (2, 4, 64, 16), (4, 1, 5, 3)]
+SHAPES = [
+    (1, 1, 1, 4),
+    (1, 1, 2, 4),
+    (2, 1, 7, 8),
+    (1, 3, 16, 4),
+    (3, 2, 33, 8),
+    (2, 4, 64, 16),
+    (4, 1, 5, 3),
+]
 
 
 @pytest.mark.parametrize("b,h,n,d", SHAPES)
@@ -72,7 +84,9 @@ def test_non_contiguous_inputs():
     q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
     assert not q.is_contiguous()
     out = _SeqNormAttentionFn.apply(q, k, v, EPS)
-    torch.testing.assert_close(out, explicit_attention(q.contiguous(), k.contiguous(), v.contiguous()))
+    torch.testing.assert_close(
+        out, explicit_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    )
 
 
 def test_shape_mismatch_raises():
@@ -89,7 +103,9 @@ def test_shape_mismatch_raises():
 @pytest.mark.parametrize("b,h,n,d", [(1, 1, 3, 2), (2, 2, 5, 3), (1, 2, 1, 2)])
 def test_gradcheck(b, h, n, d):
     q, k, v = qkv(b, h, n, d, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k, v: _SeqNormAttentionFn.apply(q, k, v, EPS), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: _SeqNormAttentionFn.apply(q, k, v, EPS), (q, k, v)
+    )
 
 
 @pytest.mark.parametrize("b,h,n,d", [(1, 1, 9, 4), (2, 3, 17, 8), (3, 2, 64, 16)])
@@ -173,7 +189,9 @@ def test_constant_feature_value_gradient_accurate_in_float32(which):
     v64 = v.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad((explicit_attention(q, k, v64) * weight).sum(), v64)
     v32 = v.float().requires_grad_(True)
-    (grad,) = torch.autograd.grad((seqnorm_attention(q.float(), k.float(), v32) * weight.float()).sum(), v32)
+    (grad,) = torch.autograd.grad(
+        (seqnorm_attention(q.float(), k.float(), v32) * weight.float()).sum(), v32
+    )
     rel = ((grad.double() - expected).norm() / expected.norm()).item()
     assert rel < 1e-3, f"relative error {rel:.2e} of dL/dv with a constant {which} feature"
 

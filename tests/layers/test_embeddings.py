@@ -99,7 +99,9 @@ def test_sincos_shape_and_finite(grid, dim):
     assert embed.abs().max() <= 1.0
 
 
-@pytest.mark.parametrize("grid,dim", [((2, 3, 4), 12), ((4, 4, 4), 24), ((3, 5, 2), 7), ((6, 6, 6), 6)])
+@pytest.mark.parametrize(
+    "grid,dim", [((2, 3, 4), 12), ((4, 4, 4), 24), ((3, 5, 2), 7), ((6, 6, 6), 6)]
+)
 def test_sincos_distinct_rows(grid, dim):
     embed = sincos_pos_embed_3d(grid, dim)
     distances = torch.cdist(embed.double(), embed.double())
@@ -112,7 +114,11 @@ def test_sincos_rows_follow_row_major_grid():
     grid, dim = (2, 3, 4), 24
     embed = sincos_pos_embed_3d(grid, dim).view(*grid, dim)
     per_axis = 2 * (dim // 6)
-    w_part, h_part, d_part = embed[..., :per_axis], embed[..., per_axis : 2 * per_axis], embed[..., 2 * per_axis :]
+    w_part, h_part, d_part = (
+        embed[..., :per_axis],
+        embed[..., per_axis : 2 * per_axis],
+        embed[..., 2 * per_axis :],
+    )
     assert torch.equal(w_part, w_part[:, :1, :1].expand_as(w_part))
     assert torch.equal(h_part, h_part[:1, :, :1].expand_as(h_part))
     assert torch.equal(d_part, d_part[:1, :1, :].expand_as(d_part))

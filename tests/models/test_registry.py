@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cli import TINY_CONFIG, read_csv, train, write_config
 
-from test_cli import read_csv, train, write_config, TINY_CONFIG
 from volumetric.cli import infer_main
 from volumetric.config import load_config
 from volumetric.engine.checkpoint import load_checkpoint, model_from_checkpoint
@@ -15,12 +15,16 @@ from volumetric.models.vit3d import VolumeTransformer
 
 
 def test_default_architecture_is_the_seqnorm_vit():
-    model = build_model({"num_classes": 3, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2})
+    model = build_model(
+        {"num_classes": 3, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2}
+    )
     assert isinstance(model, VolumeTransformer)
 
 
 def test_densenet121_maps_volumes_to_logits():
-    model = build_model({"arch": "densenet121", "num_classes": 3, "in_channels": 2, "patch_size": 8})
+    model = build_model(
+        {"arch": "densenet121", "num_classes": 3, "in_channels": 2, "patch_size": 8}
+    )
     assert model(torch.randn(2, 2, 32, 40, 32)).shape == (2, 3)
 
 
@@ -32,15 +36,23 @@ def test_unknown_architecture():
 
 
 def test_densenet_trains_and_infers_from_the_cli(tiny_dataset_shared, tmp_path):
-    config = {**TINY_CONFIG, "model": {**TINY_CONFIG["model"], "arch": "densenet121"},
-              "data": {**TINY_CONFIG["data"], "target_shape": [32, 32, 32]},
-              "train": {**TINY_CONFIG["train"], "epochs": 1}}  # fmt: skip
+    config = {
+        **TINY_CONFIG,
+        "model": {**TINY_CONFIG["model"], "arch": "densenet121"},
+        "data": {**TINY_CONFIG["data"], "target_shape": [32, 32, 32]},
+        "train": {**TINY_CONFIG["train"], "epochs": 1},
+    }
     run = tmp_path / "run"
     assert train(tiny_dataset_shared, run, write_config(tmp_path / "dense.yaml", config)) == 0
     state = load_checkpoint(run / "last.pt")
     assert state["model_args"]["arch"] == "densenet121"
     assert not isinstance(model_from_checkpoint(state), VolumeTransformer)
     scan = sorted((tiny_dataset_shared / "lesion").iterdir())[0]
-    assert infer_main([str(run / "last.pt"), str(scan), "--output", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    assert (
+        infer_main(
+            [str(run / "last.pt"), str(scan), "--output", str(tmp_path / "p.csv"), "--no-progress"]
+        )
+        == 0
+    )
     _, rows = read_csv(tmp_path / "p.csv")
     assert rows[0]["error"] == "" and rows[0]["prediction"] in ("healthy", "lesion")

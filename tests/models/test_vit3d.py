@@ -27,7 +27,9 @@ def tiny(**kwargs) -> VolumeTransformer:
 )
 @pytest.mark.parametrize("embed_dim,heads,classes", [(12, 1, 2), (24, 3, 5)])
 def test_output_shapes(patch, volume, embed_dim, heads, classes):
-    model = VolumeTransformer(num_classes=classes, patch_size=patch, embed_dim=embed_dim, depth=1, num_heads=heads)
+    model = VolumeTransformer(
+        num_classes=classes, patch_size=patch, embed_dim=embed_dim, depth=1, num_heads=heads
+    )
     model.eval()
     x = torch.randn(2, 1, *volume)
     with torch.no_grad():
@@ -69,8 +71,14 @@ def test_forward_features_and_head():
 def test_every_parameter_gets_a_gradient(attention):
     model = tiny(attention=attention, depth=2)
     x = torch.randn(2, 1, 8, 8, 12)
-    model(x).square().sum().backward()  # not the sum of logits: the head bias gradient would be trivially 2
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.count_nonzero(p.grad)]
+    model(
+        x
+    ).square().sum().backward()  # not the sum of logits: the head bias gradient would be trivially 2
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.grad is None or not torch.count_nonzero(p.grad)
+    ]
     assert not missing, f"no gradient: {missing}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -80,7 +88,9 @@ def test_every_parameter_gets_a_gradient(attention):
 def test_grad_checkpointing_same_outputs_and_gradients(attention, memory_lean):
     torch.manual_seed(3)
     plain = tiny(attention=attention, memory_lean=memory_lean, depth=3)
-    checkpointed = tiny(attention=attention, memory_lean=memory_lean, depth=3, grad_checkpointing=True)
+    checkpointed = tiny(
+        attention=attention, memory_lean=memory_lean, depth=3, grad_checkpointing=True
+    )
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(2, 1, 8, 12, 8)
     out_plain, out_ckpt = plain(x), checkpointed(x)
@@ -90,7 +100,7 @@ def test_grad_checkpointing_same_outputs_and_gradients(attention, memory_lean):
     torch.nn.functional.cross_entropy(out_ckpt, target).backward()
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
         assert q.grad is not None, name
-        torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_grad_checkpointing_inactive_without_grad():
@@ -181,7 +191,9 @@ def test_softmax_variant_same_shapes():
     assert soft(x).shape == seq(x).shape == (2, 2)
     assert soft.forward_features(x).shape == seq.forward_features(x).shape == (2, 24, 24)
     # same parameter layout: the attention kind changes no weights
-    assert [(n, p.shape) for n, p in seq.named_parameters()] == [(n, p.shape) for n, p in soft.named_parameters()]
+    assert [(n, p.shape) for n, p in seq.named_parameters()] == [
+        (n, p.shape) for n, p in soft.named_parameters()
+    ]
 
 
 @pytest.mark.parametrize("attention", ["seqnorm", "softmax"])
@@ -242,7 +254,11 @@ def test_max_pool_head():
 def test_max_pool_every_parameter_gets_a_gradient():
     model = tiny(pool="max")
     model(torch.randn(2, 1, 8, 8, 12)).square().sum().backward()
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.count_nonzero(p.grad)]
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.grad is None or not torch.count_nonzero(p.grad)
+    ]
     assert not missing, f"no gradient: {missing}"
 
 

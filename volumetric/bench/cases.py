@@ -10,7 +10,8 @@ model FLOPs of that repetition (forward + backward = 3× forward, recomputation 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,13 +46,24 @@ def attention_flops(variant: str, b: int, h: int, n: int, d: int) -> float:
     return 3.0 * b * h * per_head
 
 
-def model_flops(*, tokens: int, dim: int, depth: int, mlp_ratio: float, patch_voxels: int, attention: str,
-                num_heads: int, in_channels: int = 1) -> float:  # fmt: skip
+def model_flops(
+    *,
+    tokens: int,
+    dim: int,
+    depth: int,
+    mlp_ratio: float,
+    patch_voxels: int,
+    attention: str,
+    num_heads: int,
+    in_channels: int = 1,
+) -> float:
     """Forward + backward FLOPs of a ViT on one volume: linear layers, attention matmuls, patch embedding."""
     hidden = int(dim * mlp_ratio)
     linear = 2 * tokens * (3 * dim * dim + dim * dim + 2 * dim * hidden)  # qkv, proj, fc1, fc2
     d = dim // num_heads
-    attn = 2 * 2 * tokens * (tokens if attention == "softmax" else d) * dim  # two matmuls over all heads
+    attn = (
+        2 * 2 * tokens * (tokens if attention == "softmax" else d) * dim
+    )  # two matmuls over all heads
     embed = 2 * tokens * patch_voxels * in_channels * dim
     return 3.0 * (depth * (linear + attn) + embed)
 
@@ -60,7 +72,9 @@ def _attention_case(spec: dict[str, Any], device: torch.device) -> tuple[Callabl
     b, h, n, d = spec.get("batch", 1), spec["heads"], spec["tokens"], spec["head_dim"]
     fn = ATTENTION_VARIANTS[spec["variant"]]
     generator = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, generator=generator).to(device).requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(b, h, n, d, generator=generator).to(device).requires_grad_() for _ in range(3)
+    )
     grad = torch.randn(b, h, n, d, generator=generator).to(device)
 
     def step() -> None:
@@ -74,9 +88,18 @@ def _attention_case(spec: dict[str, Any], device: torch.device) -> tuple[Callabl
 def _monai_vit(spec: dict[str, Any]) -> nn.Module:
     from monai.networks.nets import ViT
 
-    model = ViT(in_channels=1, img_size=spec["volume"], patch_size=spec["patch"], hidden_size=spec["dim"],
-                mlp_dim=int(spec["dim"] * 4), num_layers=spec["depth"], num_heads=spec["heads"], classification=True,
-                num_classes=2, spatial_dims=3)  # fmt: skip
+    model = ViT(
+        in_channels=1,
+        img_size=spec["volume"],
+        patch_size=spec["patch"],
+        hidden_size=spec["dim"],
+        mlp_dim=int(spec["dim"] * 4),
+        num_layers=spec["depth"],
+        num_heads=spec["heads"],
+        classification=True,
+        num_classes=2,
+        spatial_dims=3,
+    )
     for block in model.blocks:  # route MONAI's attention through SDPA, its fastest path
         block.attn.use_flash_attention = True
     return model
@@ -93,16 +116,25 @@ def tokens_of(spec: dict[str, Any]) -> int:
     return (w // spec["patch"]) * (h // spec["patch"]) * (d // spec["patch"])
 
 
-def _train_step_case(spec: dict[str, Any], device: torch.device) -> tuple[Callable[[], None], float]:
+def _train_step_case(
+    spec: dict[str, Any], device: torch.device
+) -> tuple[Callable[[], None], float]:
     patch, dim, depth, heads = spec["patch"], spec["dim"], spec["depth"], spec["heads"]
     if spec["model"] == "monai_vit":
         model = _monai_vit(spec)
         attention = "softmax"
     else:
         attention = spec["model"]  # "seqnorm" or "softmax"
-        model = VolumeTransformer(num_classes=2, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                                  attention=attention, grad_checkpointing=spec.get("checkpointing", False),
-                                  memory_lean=spec.get("memory_lean", False))  # fmt: skip
+        model = VolumeTransformer(
+            num_classes=2,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=heads,
+            attention=attention,
+            grad_checkpointing=spec.get("checkpointing", False),
+            memory_lean=spec.get("memory_lean", False),
+        )
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -112,12 +144,21 @@ def _train_step_case(spec: dict[str, Any], device: torch.device) -> tuple[Callab
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
-        logits = logits[0] if isinstance(logits, tuple) else logits  # MONAI returns (logits, hidden states)
+        logits = (
+            logits[0] if isinstance(logits, tuple) else logits
+        )  # MONAI returns (logits, hidden states)
         nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
 
-    flops = model_flops(tokens=tokens_of(spec), dim=dim, depth=depth, mlp_ratio=4.0, patch_voxels=patch**3,
-                        attention=attention, num_heads=heads)  # fmt: skip
+    flops = model_flops(
+        tokens=tokens_of(spec),
+        dim=dim,
+        depth=depth,
+        mlp_ratio=4.0,
+        patch_voxels=patch**3,
+        attention=attention,
+        num_heads=heads,
+    )
     return step, flops
 
 

@@ -17,7 +17,9 @@ from volumetric.io import atomic_path, atomic_write_text
 
 def machine_description(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        return (
+            f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        )
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -50,7 +52,9 @@ def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command
         "",
         f"- machine: {machine_description(s.device)}",
         f"- command: `{command}`",
-        f"- measured float32 matmul peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s" if peak.ok else f"- matmul: {peak.status}",
+        f"- measured float32 matmul peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s"
+        if peak.ok
+        else f"- matmul: {peak.status}",
         f"- attention: batch 1, {s.heads} heads of width {s.head_dim}; training step: width {s.dim}, depth {s.depth}, "
         f"{s.heads} heads, patch {s.patch}, batch 1, AdamW",
         "- times are medians over repetitions, each case in its own process; memory is the peak over the "
@@ -69,19 +73,30 @@ def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command
     ]
     by_key = {(r.spec["variant"], r.spec["tokens"]): r for r in results["attention"]}
     for n in s.tokens:
-        cells = [f"{_time(by_key[v, n])} s, {_mem(by_key[v, n])} MiB" if by_key[v, n].ok else by_key[v, n].status
-                 for v in ATTENTION_ORDER]  # fmt: skip
+        cells = [
+            f"{_time(by_key[v, n])} s, {_mem(by_key[v, n])} MiB"
+            if by_key[v, n].ok
+            else by_key[v, n].status
+            for v in ATTENTION_ORDER
+        ]
         lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
-    lines += ["", "### Training step (forward, backward, AdamW)", "",
-              "| model | volume | tokens | seconds | peak MiB | model TFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "### Training step (forward, backward, AdamW)",
+        "",
+        "| model | volume | tokens | seconds | peak MiB | model TFLOP/s | of matmul peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results["train_step"] + results.get("scale", []):
         name = r.spec["model"] + (" + checkpointing" if r.spec.get("checkpointing") else "")
         name += " + memory-lean" if r.spec.get("memory_lean") else ""
         util = f"{r.flops_per_s / peak.flops_per_s:.0%}" if r.ok and peak.ok else "–"
         tflops = f"{r.flops_per_s / 1e12:.3f}" if r.ok else "–"
         volume = "×".join(map(str, volume_shape(r.spec)))
-        lines.append(f"| {name} | {volume}, patch {r.spec['patch']} | {tokens_of(r.spec):,} | {_time(r)} | {_mem(r)} "
-                     f"| {tflops} | {util} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {volume}, patch {r.spec['patch']} | {tokens_of(r.spec):,} | {_time(r)} | {_mem(r)} "
+            f"| {tflops} | {util} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -38,8 +38,13 @@ def run_case(spec: dict[str, Any], *, timeout_s: float, threads: int | None = No
     spec = dict(spec, **({"threads": threads} if threads else {}))
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     try:
-        done = subprocess.run([sys.executable, "-m", "volumetric.bench.worker", json.dumps(spec)], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "volumetric.bench.worker", json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return Result(spec, status=f"over time cap ({timeout_s:.0f} s)")
     if done.returncode != 0:
@@ -47,8 +52,14 @@ def run_case(spec: dict[str, Any], *, timeout_s: float, threads: int | None = No
         killed = done.returncode < 0 or "out of memory" in done.stderr.lower()
         return Result(spec, status=("out of memory" if killed else "failed") + f": {last[:120]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return Result(spec, median_s=out["median_s"], peak_bytes=out["peak_bytes"], flops_per_s=out["flops_per_s"],
-                  reps=out["reps"], extra={"warmup_s": out["warmup_s"], "flops": out["flops"]})  # fmt: skip
+    return Result(
+        spec,
+        median_s=out["median_s"],
+        peak_bytes=out["peak_bytes"],
+        flops_per_s=out["flops_per_s"],
+        reps=out["reps"],
+        extra={"warmup_s": out["warmup_s"], "flops": out["flops"]},
+    )
 
 
 def run_series(
@@ -70,16 +81,25 @@ def run_series(
     for spec in specs:
         need = predicted_bytes(spec)
         if need > memory_cap_bytes:
-            result = Result(spec, status=f"skipped: needs ~{need / 2**30:.0f} GiB > cap {memory_cap_bytes / 2**30:.0f} GiB")
+            result = Result(
+                spec,
+                status=f"skipped: needs ~{need / 2**30:.0f} GiB > cap {memory_cap_bytes / 2**30:.0f} GiB",
+            )
         elif previous is not None and not previous.ok:
             result = Result(spec, status="skipped: a smaller size already hit a cap")
         elif previous is not None and previous.median_s * growth(previous.spec, spec) > timeout_s:
             guess = previous.median_s * growth(previous.spec, spec)
-            result = Result(spec, status=f"skipped: predicted {guess:.0f} s > cap {timeout_s:.0f} s")
+            result = Result(
+                spec, status=f"skipped: predicted {guess:.0f} s > cap {timeout_s:.0f} s"
+            )
         else:
             # the worker does a warm-up and at least one timed repetition: allow for both
             result = run_case(spec, timeout_s=timeout_s * 3, threads=threads)
-        log.info("%s  %s", json.dumps(spec), result.status if not result.ok else f"{result.median_s:.4f} s")
+        log.info(
+            "%s  %s",
+            json.dumps(spec),
+            result.status if not result.ok else f"{result.median_s:.4f} s",
+        )
         results.append(result)
         previous = result
     return results

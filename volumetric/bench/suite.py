@@ -1,12 +1,12 @@
 """The benchmark suite: which cases run, in which order, and the ratios the issue targets.
 
-    a. attention forward+backward over N tokens: seqnorm, its unfused form, the bare Q(KᵀV),
-       softmax through SDPA and softmax with the N×N matrix
-    b. a whole training step for volumes of growing size, patch 8: volumetric (seqnorm, with and
-       without checkpointing) against MONAI's ViT of the same width and depth with SDPA
-    c. model-FLOP utilisation against the float32 matmul peak measured in the same run
-    d. scale (full run only): a training step of the width-256, 6-layer model with checkpointing and
-       memory-lean blocks at 262,144 and 1,048,576 tokens (patch 4), under the memory cap
+a. attention forward+backward over N tokens: seqnorm, its unfused form, the bare Q(KᵀV),
+   softmax through SDPA and softmax with the N×N matrix
+b. a whole training step for volumes of growing size, patch 8: volumetric (seqnorm, with and
+   without checkpointing) against MONAI's ViT of the same width and depth with SDPA
+c. model-FLOP utilisation against the float32 matmul peak measured in the same run
+d. scale (full run only): a training step of the width-256, 6-layer model with checkpointing and
+   memory-lean blocks at 262,144 and 1,048,576 tokens (patch 4), under the memory cap
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ class SuiteSettings:
 
     @property
     def tokens(self) -> list[int]:
-        return [1024, 4096, 16384, 65536] if self.quick else [1024, 4096, 16384, 65536, 262144, 1048576]
+        return (
+            [1024, 4096, 16384, 65536]
+            if self.quick
+            else [1024, 4096, 16384, 65536, 262144, 1048576]
+        )
 
     @property
     def volumes(self) -> list[int]:
@@ -76,14 +80,32 @@ def _growth(prev: dict[str, Any], spec: dict[str, Any]) -> float:
 
 
 def run_suite(s: SuiteSettings) -> dict[str, list[Result]]:
-    caps = dict(timeout_s=s.time_cap_s, memory_cap_bytes=s.memory_cap_gib * 2**30, growth=_growth, threads=s.threads)
+    caps = dict(
+        timeout_s=s.time_cap_s,
+        memory_cap_bytes=s.memory_cap_gib * 2**30,
+        growth=_growth,
+        threads=s.threads,
+    )
     results: dict[str, list[Result]] = {}
     size = 2048 if s.device == "cpu" else 8192
-    results["matmul"] = [run_case({"kind": "matmul", "size": size, "device": s.device}, timeout_s=120, threads=s.threads)]
+    results["matmul"] = [
+        run_case(
+            {"kind": "matmul", "size": size, "device": s.device}, timeout_s=120, threads=s.threads
+        )
+    ]
     attention = []
     for variant in ATTENTION_ORDER:
-        specs = [{"kind": "attention", "variant": variant, "tokens": n, "heads": s.heads, "head_dim": s.head_dim,
-                  "device": s.device} for n in s.tokens]  # fmt: skip
+        specs = [
+            {
+                "kind": "attention",
+                "variant": variant,
+                "tokens": n,
+                "heads": s.heads,
+                "head_dim": s.head_dim,
+                "device": s.device,
+            }
+            for n in s.tokens
+        ]
         attention += run_series(specs, predicted_bytes=_attention_bytes, **caps)
     results["attention"] = attention
     steps = []
@@ -94,20 +116,51 @@ def run_suite(s: SuiteSettings) -> dict[str, list[Result]]:
         # where a median over repetitions would not fit: its largest size in the quick run, and from 256³
         # on in the full run, where one step lasts minutes; its time cap is raised to reach 256³
         baseline = model == "monai_vit"
-        specs = [{"kind": "train_step", "model": model, "checkpointing": checkpointing, "volume": v, "patch": s.patch,
-                  "dim": s.dim, "depth": s.depth, "heads": s.heads, "device": s.device,
-                  **({"single": True} if baseline and (v >= 256 or (s.quick and v == max(s.volumes))) else {})}
-                 for v in s.volumes]  # fmt: skip
+        specs = [
+            {
+                "kind": "train_step",
+                "model": model,
+                "checkpointing": checkpointing,
+                "volume": v,
+                "patch": s.patch,
+                "dim": s.dim,
+                "depth": s.depth,
+                "heads": s.heads,
+                "device": s.device,
+                **(
+                    {"single": True}
+                    if baseline and (v >= 256 or (s.quick and v == max(s.volumes)))
+                    else {}
+                ),
+            }
+            for v in s.volumes
+        ]
         cap = (30.0 if s.quick else 600.0) if baseline else s.time_cap_s
         steps += run_series(specs, predicted_bytes=_train_bytes, **dict(caps, timeout_s=cap))
     results["train_step"] = steps
     if not s.quick:
-        specs = [{"kind": "train_step", "model": "seqnorm", "checkpointing": True, "memory_lean": True, "volume": v,
-                  "single": True, "patch": 4, "dim": s.dim, "depth": s.depth, "heads": s.heads, "device": s.device}
-                 for v in ([256, 256, 256], [512, 512, 256])]  # fmt: skip
+        specs = [
+            {
+                "kind": "train_step",
+                "model": "seqnorm",
+                "checkpointing": True,
+                "memory_lean": True,
+                "volume": v,
+                "single": True,
+                "patch": 4,
+                "dim": s.dim,
+                "depth": s.depth,
+                "heads": s.heads,
+                "device": s.device,
+            }
+            for v in ([256, 256, 256], [512, 512, 256])
+        ]
         # the target is "within 24 GiB": this section is capped there, not at --memory-cap-gib
-        results["scale"] = run_series(specs, predicted_bytes=_train_bytes,
-                                      **dict(caps, timeout_s=900.0, memory_cap_bytes=24 * 2**30))
+        results["scale"] = run_series(
+            specs,
+            predicted_bytes=_train_bytes,
+            **dict(caps, timeout_s=900.0, memory_cap_bytes=24 * 2**30),
+        )
     return results
 
 
@@ -118,29 +171,67 @@ def _find(results: list[Result], **match: Any) -> Result | None:
     return None
 
 
-def ratios(results: dict[str, list[Result]], s: SuiteSettings) -> list[tuple[str, float | None, str]]:
+def ratios(
+    results: dict[str, list[Result]], s: SuiteSettings
+) -> list[tuple[str, float | None, str]]:
     """(description, measured value, target) for each target of the issue, at the sizes this run reached."""
     out: list[tuple[str, float | None, str]] = []
     att = results["attention"]
-    sn, sdpa = _find(att, variant="seqnorm", tokens=16384), _find(att, variant="softmax_sdpa", tokens=16384)
-    out.append(("attention fwd+bwd @16k tokens: softmax SDPA time / seqnorm time",
-                sdpa.median_s / sn.median_s if sn and sdpa else None, ">= 50"))  # fmt: skip
-    sn, bare = _find(att, variant="seqnorm", tokens=65536), _find(att, variant="bare_qktv", tokens=65536)
-    out.append(("attention fwd+bwd @65k tokens: seqnorm time / bare Q(KᵀV) time",
-                sn.median_s / bare.median_s if sn and bare else None, "<= 1.5"))  # fmt: skip
-    out.append(("attention fwd+bwd @65k tokens: seqnorm peak memory / bare Q(KᵀV) peak memory",
-                sn.peak_bytes / bare.peak_bytes if sn and bare else None, "<= 1.1"))  # fmt: skip
+    sn, sdpa = (
+        _find(att, variant="seqnorm", tokens=16384),
+        _find(att, variant="softmax_sdpa", tokens=16384),
+    )
+    out.append(
+        (
+            "attention fwd+bwd @16k tokens: softmax SDPA time / seqnorm time",
+            sdpa.median_s / sn.median_s if sn and sdpa else None,
+            ">= 50",
+        )
+    )
+    sn, bare = (
+        _find(att, variant="seqnorm", tokens=65536),
+        _find(att, variant="bare_qktv", tokens=65536),
+    )
+    out.append(
+        (
+            "attention fwd+bwd @65k tokens: seqnorm time / bare Q(KᵀV) time",
+            sn.median_s / bare.median_s if sn and bare else None,
+            "<= 1.5",
+        )
+    )
+    out.append(
+        (
+            "attention fwd+bwd @65k tokens: seqnorm peak memory / bare Q(KᵀV) peak memory",
+            sn.peak_bytes / bare.peak_bytes if sn and bare else None,
+            "<= 1.1",
+        )
+    )
     steps = results["train_step"]
     volume = 256 if not s.quick else max(s.volumes)
     ours = _find(steps, model="seqnorm", checkpointing=False, volume=volume)
     monai = _find(steps, model="monai_vit", volume=volume)
-    out.append((f"training step @{volume}³ patch {s.patch}: MONAI ViT (SDPA) time / volumetric time",
-                monai.median_s / ours.median_s if ours and monai else None, ">= 25"))  # fmt: skip
+    out.append(
+        (
+            f"training step @{volume}³ patch {s.patch}: MONAI ViT (SDPA) time / volumetric time",
+            monai.median_s / ours.median_s if ours and monai else None,
+            ">= 25",
+        )
+    )
     peak = results["matmul"][0].flops_per_s if results["matmul"][0].ok else None
-    out.append((f"training step @{volume}³: model FLOP/s / measured fp32 matmul peak",
-                ours.flops_per_s / peak if ours and peak else None, ">= 0.60"))  # fmt: skip
+    out.append(
+        (
+            f"training step @{volume}³: model FLOP/s / measured fp32 matmul peak",
+            ours.flops_per_s / peak if ours and peak else None,
+            ">= 0.60",
+        )
+    )
     if "scale" in results:
         fits = [tokens_of(r.spec) for r in results["scale"] if r.ok]
-        out.append(("largest token count with a training step (checkpointing + memory-lean, patch 4)",
-                    max(fits) if fits else None, ">= 1,048,576 within 24 GiB"))  # fmt: skip
+        out.append(
+            (
+                "largest token count with a training step (checkpointing + memory-lean, patch 4)",
+                max(fits) if fits else None,
+                ">= 1,048,576 within 24 GiB",
+            )
+        )
     return out

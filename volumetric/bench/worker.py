@@ -53,12 +53,24 @@ def measure(spec: dict, *, min_reps: int = 3, max_reps: int = 10, budget_s: floa
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    if spec.get("single"):  # a scale case: one step, first-call costs included; the peak is what matters
+    if spec.get(
+        "single"
+    ):  # a scale case: one step, first-call costs included; the peak is what matters
         reset = _reset_peak_rss()
         seconds = timed()
-        peak = torch.cuda.max_memory_allocated(device) if cuda else _status_kib("VmHWM") * 1024 - base_rss
-        return {"median_s": seconds, "reps": 1, "warmup_s": 0.0, "peak_bytes": peak if cuda or reset else float("nan"),
-                "flops": flops, "flops_per_s": flops / seconds}  # fmt: skip
+        peak = (
+            torch.cuda.max_memory_allocated(device)
+            if cuda
+            else _status_kib("VmHWM") * 1024 - base_rss
+        )
+        return {
+            "median_s": seconds,
+            "reps": 1,
+            "warmup_s": 0.0,
+            "peak_bytes": peak if cuda or reset else float("nan"),
+            "flops": flops,
+            "flops_per_s": flops / seconds,
+        }
     warmup = timed()  # first call: allocator, kernels, lazy initialisation
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -72,14 +84,22 @@ def measure(spec: dict, *, min_reps: int = 3, max_reps: int = 10, budget_s: floa
     else:
         peak = _status_kib("VmHWM") * 1024 - base_rss if reset else float("nan")
     median = statistics.median(times)
-    return {"median_s": median, "reps": len(times), "warmup_s": warmup, "peak_bytes": peak,
-            "flops": flops, "flops_per_s": flops / median}  # fmt: skip
+    return {
+        "median_s": median,
+        "reps": len(times),
+        "warmup_s": warmup,
+        "peak_bytes": peak,
+        "flops": flops,
+        "flops_per_s": flops / median,
+    }
 
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
     # as training does: every case runs under the allocator policy a user's run gets
-    configure_cpu_allocator(memory_saving=spec.get("checkpointing", False) or spec.get("memory_lean", False))
+    configure_cpu_allocator(
+        memory_saving=spec.get("checkpointing", False) or spec.get("memory_lean", False)
+    )
     print(json.dumps(measure(spec)), flush=True)
     return 0
 

@@ -40,7 +40,9 @@ def _check_header(path: Path) -> None:
     voxels = int(np.prod(size, dtype=np.float64)) * reader.GetNumberOfComponents()
     if voxels > MAX_VOXELS:
         shape = "×".join(map(str, size))
-        raise VolumetricError(f"{path}: header claims {shape} voxels ({voxels:.2e}); refusing to load it")
+        raise VolumetricError(
+            f"{path}: header claims {shape} voxels ({voxels:.2e}); refusing to load it"
+        )
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -80,15 +82,21 @@ def read_scan(path: Path) -> tio.ScalarImage:
     nifti = path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
     image = tio.ScalarImage(path, reader=_read_nifti) if nifti else tio.ScalarImage(path)
     try:
-        with warnings.catch_warnings():  # TorchIO warns before falling back from SimpleITK to nibabel
+        with (
+            warnings.catch_warnings()
+        ):  # TorchIO warns before falling back from SimpleITK to nibabel
             warnings.simplefilter("ignore")
             image.load()
     except MemoryError:
         raise VolumetricError(f"{path}: too large to load into memory") from None
     except Exception as error:  # nibabel, SimpleITK and TorchIO raise many types for a broken file
         detail = first_line(error)
-        detail = "" if "not understood" in detail else f" ({detail})"  # TorchIO's generic message adds nothing
-        raise VolumetricError(f"{path}: cannot read scan: not an image file, or truncated{detail}") from None
+        detail = (
+            "" if "not understood" in detail else f" ({detail})"
+        )  # TorchIO's generic message adds nothing
+        raise VolumetricError(
+            f"{path}: cannot read scan: not an image file, or truncated{detail}"
+        ) from None
     spatial = image.spatial_shape
     if sum(n > 1 for n in spatial) < 3:
         raise VolumetricError(f"{path}: a {'×'.join(map(str, spatial))} image is not a 3D volume")
@@ -103,7 +111,9 @@ def load_subject(path: Path, preprocess: tio.Transform, in_channels: int = 1) ->
     return preprocess_scan(path, read_scan(path), preprocess, in_channels)
 
 
-def preprocess_scan(path: Path, image: tio.ScalarImage, preprocess: tio.Transform, in_channels: int = 1) -> tio.Subject:
+def preprocess_scan(
+    path: Path, image: tio.ScalarImage, preprocess: tio.Transform, in_channels: int = 1
+) -> tio.Subject:
     """Preprocess ``image`` (as `read_scan` gave it for ``path``, left unchanged) into a Subject whose
     ``image`` is (C, W, H, D) float32; errors are VolumetricErrors naming ``path``."""
     if image.num_channels != in_channels:
@@ -116,7 +126,9 @@ def preprocess_scan(path: Path, image: tio.ScalarImage, preprocess: tio.Transfor
     with torch.random.fork_rng(devices=[]):
         try:
             return preprocess(tio.Subject(image=image))
-        except VolumetricError as error:  # raised by a preprocessing step, which does not know the file
+        except (
+            VolumetricError
+        ) as error:  # raised by a preprocessing step, which does not know the file
             raise VolumetricError(f"{path}: {error}") from None
 
 

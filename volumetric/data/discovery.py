@@ -18,7 +18,11 @@ SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def is_scan_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(SCAN_SUFFIXES) and not path.name.startswith(".")
+    return (
+        path.is_file()
+        and path.name.lower().endswith(SCAN_SUFFIXES)
+        and not path.name.startswith(".")
+    )
 
 
 def is_dicom_series(path: Path) -> bool:
@@ -49,10 +53,14 @@ def discover(source: str | Path) -> list[tuple[Path, str]]:
         raise VolumetricError(f"{source}: no such file or folder")
     if source.is_file():
         if source.suffix.lower() != ".csv":
-            raise VolumetricError(f"{source}: a data set is a folder of class sub-folders or a .csv manifest")
+            raise VolumetricError(
+                f"{source}: a data set is a folder of class sub-folders or a .csv manifest"
+            )
         return _read_manifest(source)
     items = []
-    for class_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in sorted(
+        p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ):
         items += [(scan, class_dir.name) for scan in find_scans([class_dir])]
     if not items:
         raise VolumetricError(f"{source}: no scans found (expected {source}/<class>/<scan>.nii.gz)")
@@ -66,7 +74,9 @@ def _read_manifest(path: Path) -> list[tuple[Path, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise VolumetricError(f"{path}: cannot read manifest ({error})") from None
     if not rows or not {"path", "label"} <= set(rows[0]):
-        raise VolumetricError(f"{path}: a manifest needs a header with the columns path,label and at least one row")
+        raise VolumetricError(
+            f"{path}: a manifest needs a header with the columns path,label and at least one row"
+        )
     items, seen = [], set()
     for line, row in enumerate(rows, start=2):
         scan, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
@@ -82,10 +92,14 @@ def _read_manifest(path: Path) -> list[tuple[Path, str]]:
     return items
 
 
-def class_indices(items: list[tuple[Path, str]], class_names: list[str], source: str | Path) -> list[tuple[Path, int]]:
+def class_indices(
+    items: list[tuple[Path, str]], class_names: list[str], source: str | Path
+) -> list[tuple[Path, int]]:
     """Map class names to indices of ``class_names``; a label outside them is a VolumetricError."""
     index = {name: i for i, name in enumerate(class_names)}
     unknown = sorted({label for _, label in items} - set(index))
     if unknown:
-        raise VolumetricError(f"{source}: label(s) {unknown} are not among the model's classes {class_names}")
+        raise VolumetricError(
+            f"{source}: label(s) {unknown} are not among the model's classes {class_names}"
+        )
     return [(path, index[label]) for path, label in items]

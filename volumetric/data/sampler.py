@@ -3,7 +3,7 @@ split into equal shards when several processes train together."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

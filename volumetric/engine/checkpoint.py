@@ -13,20 +13,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from volumetric import __version__
 from volumetric.errors import VolumetricError, first_line
 from volumetric.io import atomic_torch_save
-from torch import nn
-
 from volumetric.models.registry import build_model
 
 FORMAT = "volumetric-checkpoint"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: Path, *, model: nn.Module, model_args: dict[str, Any], class_names: list[str],
-                    preprocessing: dict[str, Any], config: dict[str, Any], **state: Any) -> None:  # fmt: skip
+def save_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    model_args: dict[str, Any],
+    class_names: list[str],
+    preprocessing: dict[str, Any],
+    config: dict[str, Any],
+    **state: Any,
+) -> None:
     """Write a checkpoint atomically; ``state`` adds training state (optimizer, epoch, history, ...)."""
     atomic_torch_save(
         {
@@ -52,10 +59,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise VolumetricError(f"{path}: refused to load checkpoint: it is not a plain weights file "
-                              f"({first_line(error, 'unsupported content')})") from None
+        raise VolumetricError(
+            f"{path}: refused to load checkpoint: it is not a plain weights file "
+            f"({first_line(error, 'unsupported content')})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise VolumetricError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise VolumetricError(
+            f"{path}: not a readable checkpoint ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise VolumetricError(f"{path}: not a volumetric checkpoint")
     if checkpoint.get("format_version") != FORMAT_VERSION:
@@ -75,5 +86,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkp
         model = build_model(checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as error:
-        raise VolumetricError(f"{path}: weights do not fit the model it describes ({first_line(error)})") from None
+        raise VolumetricError(
+            f"{path}: weights do not fit the model it describes ({first_line(error)})"
+        ) from None
     return model.eval()

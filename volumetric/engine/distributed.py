@@ -17,9 +17,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value else default
     except ValueError:
-        raise VolumetricError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+        raise VolumetricError(
+            f"environment variable {name}={value!r} is not an integer (set by torchrun)"
+        ) from None
 
 
 def world_from_env() -> World:
@@ -62,14 +64,20 @@ def world_from_env() -> World:
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
     if size < 1 or not 0 <= rank < size or local_rank < 0:
-        raise VolumetricError(f"inconsistent torchrun environment: WORLD_SIZE={size}, RANK={rank}, LOCAL_RANK={local_rank}")
+        raise VolumetricError(
+            f"inconsistent torchrun environment: WORLD_SIZE={size}, RANK={rank}, LOCAL_RANK={local_rank}"
+        )
     return World(rank=rank, local_rank=local_rank, size=size)
 
 
 def current_world() -> World:
     """The joined process group if there is one, else what the environment says."""
     if dist.is_available() and dist.is_initialized():
-        return World(rank=dist.get_rank(), local_rank=_env_int("LOCAL_RANK", dist.get_rank()), size=dist.get_world_size())
+        return World(
+            rank=dist.get_rank(),
+            local_rank=_env_int("LOCAL_RANK", dist.get_rank()),
+            size=dist.get_world_size(),
+        )
     return world_from_env()
 
 
@@ -90,8 +98,11 @@ def process_device(name: str, world: World) -> torch.device:
             "start at most that many processes per node (torchrun --nproc_per_node)"
         )
     if device.index is not None and device.index != world.local_rank:
-        log.warning("device %s ignored: under torchrun each process uses cuda:LOCAL_RANK (here cuda:%d)",
-                    device, world.local_rank)  # fmt: skip
+        log.warning(
+            "device %s ignored: under torchrun each process uses cuda:LOCAL_RANK (here cuda:%d)",
+            device,
+            world.local_rank,
+        )
     return torch.device("cuda", world.local_rank)
 
 
@@ -118,8 +129,14 @@ def distributed_session(device_name: str = "auto") -> Iterator[tuple[World, torc
         dist.init_process_group(backend, device_id=device)
     else:
         dist.init_process_group(backend)
-    log.info("process %d of %d (local rank %d) on %s, backend %s", world.rank, world.size, world.local_rank,
-             device, backend)  # fmt: skip
+    log.info(
+        "process %d of %d (local rank %d) on %s, backend %s",
+        world.rank,
+        world.size,
+        world.local_rank,
+        device,
+        backend,
+    )
     try:
         yield world, device
         dist.barrier()  # leave together, not while another process still talks to this one
@@ -178,7 +195,9 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device))
     counts = [int(s.item()) for s in sizes]
     longest = max(counts)
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)  # (max n_r, *rest)
+    padded = torch.zeros(
+        (longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device
+    )  # (max n_r, *rest)
     padded[: tensor.shape[0]] = tensor.to(device)
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)

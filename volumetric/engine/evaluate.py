@@ -57,7 +57,9 @@ def predict(
         labels.append(target.cpu())
         indices.append(batch["index"])
     n = sum(len(t) for t in labels)
-    return Predictions(torch.cat(probs), torch.cat(labels), torch.cat(indices), loss_sum / max(n, 1))
+    return Predictions(
+        torch.cat(probs), torch.cat(labels), torch.cat(indices), loss_sum / max(n, 1)
+    )
 
 
 def evaluate_checkpoint(
@@ -80,22 +82,58 @@ def evaluate_checkpoint(
     class_names = state["class_names"]
     pairs = class_indices(discover(data), class_names, data)
     settings = state["preprocessing"]
-    dataset = ScanDataset(pairs, build_preprocessing(settings, settings["patch_size"]),
-                          in_channels=state["model_args"].get("in_channels", 1))  # fmt: skip
+    dataset = ScanDataset(
+        pairs,
+        build_preprocessing(settings, settings["patch_size"]),
+        in_channels=state["model_args"].get("in_channels", 1),
+    )
     run_device = resolve_device(device)
     model = model_from_checkpoint(state, checkpoint).to(run_device)
-    result = predict(model, DataLoader(dataset, batch_size=1), run_device, autocast_dtype(run_device, precision),
-                     progress=progress)  # fmt: skip
-    metrics = evaluation_report(result.probs, result.labels, class_names, loss=result.loss,
-                                bootstrap_resamples=bootstrap_resamples, seed=seed)  # fmt: skip
+    result = predict(
+        model,
+        DataLoader(dataset, batch_size=1),
+        run_device,
+        autocast_dtype(run_device, precision),
+        progress=progress,
+    )
+    metrics = evaluation_report(
+        result.probs,
+        result.labels,
+        class_names,
+        loss=result.loss,
+        bootstrap_resamples=bootstrap_resamples,
+        seed=seed,
+    )
     output_dir = Path(output_dir)
-    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    plot_confusion_matrix(metrics["confusion_matrix"]["matrix"], class_names, output_dir / "confusion_matrix.png")
-    plot_roc(roc_curves(result.probs, result.labels), class_names, output_dir / "roc.png",
-             macro_auroc=metrics["auroc"], note=metrics["auroc_note"])  # fmt: skip
+    atomic_write_text(
+        output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n"
+    )
+    plot_confusion_matrix(
+        metrics["confusion_matrix"]["matrix"], class_names, output_dir / "confusion_matrix.png"
+    )
+    plot_roc(
+        roc_curves(result.probs, result.labels),
+        class_names,
+        output_dir / "roc.png",
+        macro_auroc=metrics["auroc"],
+        note=metrics["auroc_note"],
+    )
     rows = []
-    for probs, label, index in zip(result.probs.tolist(), result.labels.tolist(), result.indices.tolist()):
+    for probs, label, index in zip(
+        result.probs.tolist(), result.labels.tolist(), result.indices.tolist()
+    ):
         best = max(range(len(probs)), key=probs.__getitem__)
-        rows.append([str(pairs[index][0]), class_names[label], class_names[best], *(f"{p:.6f}" for p in probs)])
-    atomic_write_csv(output_dir / "predictions.csv", ["path", "label", "prediction", *(f"prob_{c}" for c in class_names)], rows)
+        rows.append(
+            [
+                str(pairs[index][0]),
+                class_names[label],
+                class_names[best],
+                *(f"{p:.6f}" for p in probs),
+            ]
+        )
+    atomic_write_csv(
+        output_dir / "predictions.csv",
+        ["path", "label", "prediction", *(f"prob_{c}" for c in class_names)],
+        rows,
+    )
     return metrics

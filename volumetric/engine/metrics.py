@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,9 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_LEVEL = 0.95
 
 
-def _arrays(probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(
+    probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """probs (N, C), labels (N,) → float64 (N, C) and int64 (N,) numpy arrays."""
     if isinstance(probs, torch.Tensor):
         probs = probs.detach().double().cpu().numpy()
@@ -63,7 +66,9 @@ def macro_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(onehot, probs[:, present], average="macro"))
 
 
-def classification_metrics(probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict[str, float]:
+def classification_metrics(
+    probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray
+) -> dict[str, float]:
     """probs (N, C) rows summing to 1, labels (N,) class indices → metrics (NaN where undefined).
 
     balanced_accuracy is the mean recall over the classes present in labels; auroc is the macro
@@ -73,7 +78,9 @@ def classification_metrics(probs: torch.Tensor | np.ndarray, labels: torch.Tenso
     if len(y) == 0:
         return {"accuracy": math.nan, "balanced_accuracy": math.nan, "auroc": math.nan}
     predictions = p.argmax(axis=1)  # (N,)
-    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those are left out, as intended
+    with (
+        warnings.catch_warnings()
+    ):  # "y_pred contains classes not in y_true": those are left out, as intended
         warnings.simplefilter("ignore")
         balanced = float(balanced_accuracy_score(y, predictions))
     return {
@@ -84,9 +91,13 @@ def classification_metrics(probs: torch.Tensor | np.ndarray, labels: torch.Tenso
 
 
 def bootstrap_auroc(
-    probs: np.ndarray, labels: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
     level: float = BOOTSTRAP_LEVEL,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Percentile bootstrap confidence interval of the macro AUROC: scans drawn with replacement.
 
     A resample that misses one of the classes present in ``labels`` is skipped (its macro AUROC would
@@ -98,14 +109,22 @@ def bootstrap_auroc(
     values = []
     if len(present) >= 2:
         for _ in range(resamples):
-            idx = rng.integers(0, len(labels), size=len(labels))  # (N,) scans drawn with replacement
+            idx = rng.integers(
+                0, len(labels), size=len(labels)
+            )  # (N,) scans drawn with replacement
             sample = labels[idx]  # (N,)
             if len(np.unique(sample)) == len(present):
                 values.append(macro_auroc(probs[idx], sample))
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(values, [tail, 1.0 - tail]) if values else (math.nan, math.nan)
-    return {"low": float(low), "high": float(high), "level": level, "resamples": resamples, "used": len(values),
-            "seed": seed}  # fmt: skip
+    return {
+        "low": float(low),
+        "high": float(high),
+        "level": level,
+        "resamples": resamples,
+        "used": len(values),
+        "seed": seed,
+    }
 
 
 def roc_curves(
@@ -151,12 +170,15 @@ def evaluation_report(
     p, y = _arrays(probs, labels)
     num_classes = len(class_names)
     if p.ndim != 2 or p.shape[1] != num_classes or len(y) != len(p):
-        raise ValueError(f"probs {tuple(p.shape)} and labels {tuple(y.shape)} do not fit {num_classes} classes")
+        raise ValueError(
+            f"probs {tuple(p.shape)} and labels {tuple(y.shape)} do not fit {num_classes} classes"
+        )
     predictions = p.argmax(axis=1)  # (N,)
     basic = classification_metrics(p, y)
     class_ids = list(range(num_classes))
-    precision, recall, f1, support = precision_recall_fscore_support(y, predictions, labels=class_ids,
-                                                                     zero_division=np.nan)  # fmt: skip
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, predictions, labels=class_ids, zero_division=np.nan
+    )
     aurocs = per_class_auroc(p, y)
     interval = bootstrap_auroc(p, y, resamples=bootstrap_resamples, seed=seed)
 
@@ -181,10 +203,15 @@ def evaluation_report(
         "auroc_note": note,
         "class_names": list(class_names),
         "per_class": {
-            name: {"precision": _json_number(precision[c]), "recall": _json_number(recall[c]),
-                   "f1": _json_number(f1[c]), "support": int(support[c]), "auroc": _json_number(aurocs[c])}
+            name: {
+                "precision": _json_number(precision[c]),
+                "recall": _json_number(recall[c]),
+                "f1": _json_number(f1[c]),
+                "support": int(support[c]),
+                "auroc": _json_number(aurocs[c]),
+            }
             for c, name in enumerate(class_names)
-        },  # fmt: skip
+        },
         "confusion_matrix": {
             "labels": list(class_names),
             "rows": "true class",

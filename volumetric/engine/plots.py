@@ -7,8 +7,8 @@ global state (and the user's chosen backend) is never touched. Every file is wri
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -27,7 +27,9 @@ def _save(figure: Figure, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=DPI)
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> None:
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path
+) -> None:
     """Counts (C, C), rows = true class, columns = predicted class, in class_names order → PNG."""
     counts = np.asarray(matrix, dtype=np.int64)  # (C, C)
     n = len(class_names)
@@ -37,8 +39,12 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     image = ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max(initial=0)), 1))
     figure.colorbar(image, ax=ax, label="scans")
     long_names = max(map(len, class_names)) > 8
-    ax.set_xticks(range(n), labels=class_names, rotation=45 if long_names else 0,
-                  ha="right" if long_names else "center")  # fmt: skip
+    ax.set_xticks(
+        range(n),
+        labels=class_names,
+        rotation=45 if long_names else 0,
+        ha="right" if long_names else "center",
+    )
     ax.set_yticks(range(n), labels=class_names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -46,8 +52,14 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     threshold = counts.max(initial=0) / 2.0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center",
-                    color="white" if counts[i, j] > threshold else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                str(counts[i, j]),
+                ha="center",
+                va="center",
+                color="white" if counts[i, j] > threshold else "black",
+            )
     _save(figure, path)
 
 
@@ -68,10 +80,20 @@ def plot_roc(
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     binary = len(class_names) == 2
     for c, (fpr, tpr, auc) in curves.items():
-        name = f"{class_names[c]} vs {class_names[1 - c]}" if binary else f"{class_names[c]} vs rest"
+        name = (
+            f"{class_names[c]} vs {class_names[1 - c]}" if binary else f"{class_names[c]} vs rest"
+        )
         ax.plot(fpr, tpr, linewidth=1.8, label=f"{name} (AUC {auc:.3f})")
     if not curves:
-        ax.text(0.5, 0.5, note or "ROC undefined", ha="center", va="center", wrap=True, transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            note or "ROC undefined",
+            ha="center",
+            va="center",
+            wrap=True,
+            transform=ax.transAxes,
+        )
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
@@ -87,9 +109,12 @@ def plot_roc(
 
 def plot_learning_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     """Rows of metrics.csv (epoch, train_loss, val_loss, val_accuracy, ...) → loss and validation PNG."""
-    figure = Figure(figsize=(10.0, 4.0))  # fixed margins: redrawn every epoch, a layout engine costs more than the plot
-    loss_ax, metric_ax = figure.subplots(1, 2, gridspec_kw=dict(left=0.07, right=0.98, bottom=0.12, top=0.92,
-                                                                wspace=0.22))  # fmt: skip
+    figure = Figure(
+        figsize=(10.0, 4.0)
+    )  # fixed margins: redrawn every epoch, a layout engine costs more than the plot
+    loss_ax, metric_ax = figure.subplots(
+        1, 2, gridspec_kw=dict(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
+    )
     epochs = [row["epoch"] for row in history]
 
     def series(key: str) -> list[float] | None:
@@ -98,9 +123,16 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: Path) -> Non
 
     for ax, keys, ylabel in (
         (loss_ax, [("train_loss", "train"), ("val_loss", "validation")], "loss"),
-        (metric_ax, [("val_accuracy", "accuracy"), ("val_balanced_accuracy", "balanced accuracy"),
-                     ("val_auroc", "AUROC")], "validation"),
-    ):  # fmt: skip
+        (
+            metric_ax,
+            [
+                ("val_accuracy", "accuracy"),
+                ("val_balanced_accuracy", "balanced accuracy"),
+                ("val_auroc", "AUROC"),
+            ],
+            "validation",
+        ),
+    ):
         drawn = False
         for key, label in keys:
             values = series(key)

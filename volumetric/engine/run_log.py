@@ -46,7 +46,9 @@ class RunLog:
     rank 0 of a distributed run).
     """
 
-    def __init__(self, output_dir: str | Path, *, start_step: int = 0, enabled: bool = True) -> None:
+    def __init__(
+        self, output_dir: str | Path, *, start_step: int = 0, enabled: bool = True
+    ) -> None:
         self.output_dir = Path(output_dir)
         log_dir = str(self.output_dir / "tensorboard")
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step + 1) if enabled else None
@@ -77,5 +79,10 @@ class RunLog:
     def __enter__(self) -> RunLog:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

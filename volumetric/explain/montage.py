@@ -23,17 +23,27 @@ SHOWN_ABOVE = 0.1
 """Map values below this fraction of the map's maximum are not coloured (the scan shows through)."""
 
 
-def canonical(scan: np.ndarray, relevance: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+def canonical(
+    scan: np.ndarray, relevance: np.ndarray, affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, tuple]:
     """(W, H, D) scan and map on the file's grid → both in RAS+ voxel order, and the RAS spacing (mm)."""
 
     def image(data: np.ndarray) -> tio.ScalarImage:
-        return tio.ScalarImage(tensor=torch.from_numpy(np.array(data, dtype=np.float32)[None]), affine=affine)
+        return tio.ScalarImage(
+            tensor=torch.from_numpy(np.array(data, dtype=np.float32)[None]), affine=affine
+        )
 
     subject = tio.ToCanonical()(tio.Subject(scan=image(scan), map=image(relevance)))
-    return subject["scan"].data[0].numpy(), subject["map"].data[0].numpy(), tuple(subject["scan"].spacing)
+    return (
+        subject["scan"].data[0].numpy(),
+        subject["map"].data[0].numpy(),
+        tuple(subject["scan"].spacing),
+    )
 
 
-def save_montage(path: Path, scan: np.ndarray, relevance: np.ndarray, affine: np.ndarray, title: str = "") -> None:
+def save_montage(
+    path: Path, scan: np.ndarray, relevance: np.ndarray, affine: np.ndarray, title: str = ""
+) -> None:
     """Write the montage of ``relevance`` over ``scan`` (both (W, H, D) on the grid of ``affine``) as a PNG,
     atomically. The slices cross at the map's maximum, or at the centre when the map is all zero."""
     scan, relevance, (sx, sy, sz) = canonical(scan, relevance, affine)
@@ -56,12 +66,32 @@ def save_montage(path: Path, scan: np.ndarray, relevance: np.ndarray, affine: np
     axes = figure.subplots(1, 3)
     shown = None
     for ax, (name, grey, colour, (xlabel, width, cx), (ylabel, height, cy)) in zip(axes, panels):
-        extent = (0, width, 0, height)  # rows of the transposed slice run along the vertical axis, upward
-        ax.imshow(grey.T, cmap="gray", origin="lower", extent=extent, vmin=low, vmax=max(high, low + 1e-6),
-                  interpolation="nearest")  # fmt: skip
+        extent = (
+            0,
+            width,
+            0,
+            height,
+        )  # rows of the transposed slice run along the vertical axis, upward
+        ax.imshow(
+            grey.T,
+            cmap="gray",
+            origin="lower",
+            extent=extent,
+            vmin=low,
+            vmax=max(high, low + 1e-6),
+            interpolation="nearest",
+        )
         hidden = colour.T <= SHOWN_ABOVE * peak if peak > 0 else np.ones(colour.T.shape, dtype=bool)
-        shown = ax.imshow(np.ma.masked_array(colour.T, mask=hidden), cmap="inferno", origin="lower", extent=extent,
-                          vmin=0, vmax=max(peak, 1e-12), alpha=0.6, interpolation="nearest")  # fmt: skip
+        shown = ax.imshow(
+            np.ma.masked_array(colour.T, mask=hidden),
+            cmap="inferno",
+            origin="lower",
+            extent=extent,
+            vmin=0,
+            vmax=max(peak, 1e-12),
+            alpha=0.6,
+            interpolation="nearest",
+        )
         ax.axhline(cy, color="cyan", linewidth=0.5)
         ax.axvline(cx, color="cyan", linewidth=0.5)
         ax.set_title(name)

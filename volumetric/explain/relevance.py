@@ -41,8 +41,8 @@ is really there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -57,13 +57,15 @@ from volumetric.models.vit3d import VolumeTransformer
 class RelevanceMap:
     """A relevance map on the input scan's grid, with the scan for display."""
 
-    data: np.ndarray  # (W0, H0, D0) float32 on the file's voxel grid, >= 0, 0 outside the field of view
+    data: (
+        np.ndarray
+    )  # (W0, H0, D0) float32 on the file's voxel grid, >= 0, 0 outside the field of view
     affine: np.ndarray  # (4, 4) RAS affine of the input scan, as read from the file
     scan: np.ndarray  # (W0, H0, D0) float32, the first channel of the scan as read from the file
     target: int  # the explained class
 
 
-Target = Union[int, Callable[[Tensor], int], None]
+Target = int | Callable[[Tensor], int] | None
 """The class to explain: an index, a function of the logits (1, num_classes), or None (the argmax)."""
 
 
@@ -71,8 +73,9 @@ STEPS = 16
 """Gradient evaluations along the path from the empty-scan tokens to the scan's (M above); 1 = plain."""
 
 
-def token_shares(model: VolumeTransformer, volume: Tensor, target: Target = None,
-                 steps: int = STEPS) -> tuple[Tensor, Tensor, int]:  # fmt: skip
+def token_shares(
+    model: VolumeTransformer, volume: Tensor, target: Target = None, steps: int = STEPS
+) -> tuple[Tensor, Tensor, int]:
     """Logits, signed token shares and explained class of one volume.
 
     volume (1, C_in, W, H, D) → logits (1, num_classes), shares s (w, h, d) of the logit of
@@ -80,13 +83,17 @@ def token_shares(model: VolumeTransformer, volume: Tensor, target: Target = None
     and backward passes; gradients reach only the tokens, parameter gradients are left untouched.
     """
     if volume.shape[0] != 1:
-        raise ValueError(f"token_shares takes one volume (1, C, W, H, D), got {tuple(volume.shape)}")
+        raise ValueError(
+            f"token_shares takes one volume (1, C, W, H, D), got {tuple(volume.shape)}"
+        )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     grid = model.patch_embed.grid(volume.shape[2:])  # (w, h, d)
     with torch.no_grad():
         tokens = model.embed(volume)  # (1, N, C)
-        reference = model.embed(torch.zeros_like(volume))  # (1, N, C): conv bias + position embedding
+        reference = model.embed(
+            torch.zeros_like(volume)
+        )  # (1, N, C): conv bias + position embedding
         logits = model.forward_head(model.forward_blocks(tokens))  # (1, num_classes)
     if target is None:
         target = int(logits[0].argmax())
@@ -96,16 +103,21 @@ def token_shares(model: VolumeTransformer, volume: Tensor, target: Target = None
     gradient = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)  # (1, N, C)
     with torch.enable_grad():
         for k in range(1, steps + 1):
-            alpha = 1.0 if steps == 1 else (k - 0.5) / steps  # plain gradient × input, or the path's midpoints
+            alpha = (
+                1.0 if steps == 1 else (k - 0.5) / steps
+            )  # plain gradient × input, or the path's midpoints
             point = (reference + alpha * delta).requires_grad_(True)  # (1, N, C)
-            (grad,) = torch.autograd.grad(model.forward_head(model.forward_blocks(point))[0, target], point)
+            (grad,) = torch.autograd.grad(
+                model.forward_head(model.forward_blocks(point))[0, target], point
+            )
             gradient += grad.float()
     shares = (delta.float() * gradient / steps).sum(dim=-1)[0]  # (N,)
     return logits, shares.reshape(grid), target  # (1, K), (w, h, d), class
 
 
-def token_relevance(model: VolumeTransformer, volume: Tensor, target: Target = None,
-                    steps: int = STEPS) -> tuple[Tensor, Tensor, int]:  # fmt: skip
+def token_relevance(
+    model: VolumeTransformer, volume: Tensor, target: Target = None, steps: int = STEPS
+) -> tuple[Tensor, Tensor, int]:
     """Like `token_shares`, with the relevance r = max(0, s) (w, h, d) in place of the shares."""
     logits, shares, target = token_shares(model, volume, target, steps)
     return logits, shares.clamp(min=0), target
@@ -114,29 +126,43 @@ def token_relevance(model: VolumeTransformer, volume: Tensor, target: Target = N
 def upsample_to_voxels(relevance: Tensor, shape: tuple[int, int, int]) -> Tensor:
     """(w, h, d) token map → (W, H, D) voxel map, trilinear between token centres (a smooth map whose
     maxima sit at the centres of the most relevant patches; edge patches are held constant outward)."""
-    return F.interpolate(relevance[None, None].float(), size=tuple(shape), mode="trilinear",
-                         align_corners=False)[0, 0]  # fmt: skip
+    return F.interpolate(
+        relevance[None, None].float(), size=tuple(shape), mode="trilinear", align_corners=False
+    )[0, 0]
 
 
-def to_input_grid(voxels: Tensor, preprocessed_affine: np.ndarray, original: tio.ScalarImage) -> np.ndarray:
+def to_input_grid(
+    voxels: Tensor, preprocessed_affine: np.ndarray, original: tio.ScalarImage
+) -> np.ndarray:
     """A map on the preprocessed grid (W, H, D) with its affine → the original image's grid (W0, H0, D0).
 
     Linear interpolation in world space; input voxels the preprocessed grid does not cover get 0.
     """
-    image = tio.ScalarImage(tensor=voxels[None].cpu().float(), affine=np.asarray(preprocessed_affine, dtype=np.float64))
-    target = (tuple(int(s) for s in original.spatial_shape), np.asarray(original.affine, dtype=np.float64))
+    image = tio.ScalarImage(
+        tensor=voxels[None].cpu().float(), affine=np.asarray(preprocessed_affine, dtype=np.float64)
+    )
+    target = (
+        tuple(int(s) for s in original.spatial_shape),
+        np.asarray(original.affine, dtype=np.float64),
+    )
     resampled = tio.Resample(target, image_interpolation="linear")(image)
     return resampled.data[0].numpy().astype(np.float32, copy=False)  # (W0, H0, D0)
 
 
-def relevance_map(model: VolumeTransformer, volume: Tensor, preprocessed_affine: np.ndarray,
-                  original: tio.ScalarImage, target: Target = None,
-                  steps: int = STEPS) -> tuple[Tensor, RelevanceMap]:  # fmt: skip
+def relevance_map(
+    model: VolumeTransformer,
+    volume: Tensor,
+    preprocessed_affine: np.ndarray,
+    original: tio.ScalarImage,
+    target: Target = None,
+    steps: int = STEPS,
+) -> tuple[Tensor, RelevanceMap]:
     """Logits (1, num_classes) of the preprocessed ``volume`` (1, C_in, W, H, D) and its relevance map
     for ``target`` (default: the predicted class) on the grid of ``original``, the scan as read."""
     logits, tokens, target = token_relevance(model, volume, target, steps)
     voxels = upsample_to_voxels(tokens, volume.shape[2:])  # (W, H, D)
     data = to_input_grid(voxels, preprocessed_affine, original)
     scan = original.data[0].float().numpy()  # (W0, H0, D0)
-    return logits, RelevanceMap(data=data, affine=np.asarray(original.affine, dtype=np.float64), scan=scan,
-                                target=target)  # fmt: skip
+    return logits, RelevanceMap(
+        data=data, affine=np.asarray(original.affine, dtype=np.float64), scan=scan, target=target
+    )

@@ -47,19 +47,36 @@ def map_names(scans: list[Path]) -> list[str]:
                 n += 1
             name = f"{base}_{n}"
             taken.add(name)
-            log.warning("%s: another scan is also named %s; its relevance maps are %s_relevance.*", scan, base, name)
+            log.warning(
+                "%s: another scan is also named %s; its relevance maps are %s_relevance.*",
+                scan,
+                base,
+                name,
+            )
         names.append(name)
     return names
 
 
-def save_relevance(relevance: RelevanceMap, directory: Path, name: str, class_name: str) -> tuple[Path, Path]:
+def save_relevance(
+    relevance: RelevanceMap, directory: Path, name: str, class_name: str
+) -> tuple[Path, Path]:
     """Write ``<name>_relevance.nii.gz`` and ``<name>_relevance.png`` into ``directory`` atomically."""
     directory = Path(directory)
-    nifti_path, png_path = directory / f"{name}_relevance.nii.gz", directory / f"{name}_relevance.png"
+    nifti_path, png_path = (
+        directory / f"{name}_relevance.nii.gz",
+        directory / f"{name}_relevance.png",
+    )
     image = nib.Nifti1Image(relevance.data.astype(np.float32, copy=False), relevance.affine)
     image.header.set_xyzt_units("mm")
-    image.header["descrip"] = f"volumetric grad x input, class {class_name}"[:79].encode("ascii", "replace")
+    image.header["descrip"] = f"volumetric grad x input, class {class_name}"[:79].encode(
+        "ascii", "replace"
+    )
     atomic_write_bytes(nifti_path, gzip.compress(image.to_bytes(), compresslevel=6))
-    save_montage(png_path, relevance.scan, relevance.data, relevance.affine,
-                 title=f"{name}: relevance for {class_name} (gradient × input)")  # fmt: skip
+    save_montage(
+        png_path,
+        relevance.scan,
+        relevance.data,
+        relevance.affine,
+        title=f"{name}: relevance for {class_name} (gradient × input)",
+    )
     return nifti_path, png_path

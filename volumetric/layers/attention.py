@@ -22,7 +22,7 @@ Both attention modules share one interface, (B, N, C) → (B, N, C), and are reg
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,11 @@ class _SeqNormAttentionFn(torch.autograd.Function):
         mu_g = g.sum(dim=-2, keepdim=True) / n  # (B, H, 1, d)
         if ctx.exact:  # ill-conditioned Q or K: work on centred copies (see the class docstring)
             q, k, v = q - mu_q, k - mu_k, v - mu_v  # (B, H, N, d) each
-            mu_q, mu_k, mu_v = torch.zeros_like(mu_q), torch.zeros_like(mu_k), torch.zeros_like(mu_v)
+            mu_q, mu_k, mu_v = (
+                torch.zeros_like(mu_q),
+                torch.zeros_like(mu_k),
+                torch.zeros_like(mu_v),
+            )
         ds = r_q.mT * (q.mT @ g - n * (mu_q.mT @ mu_g))  # (B, H, d, d)  dS = Q̂ᵀ G
         c = (s * ds).sum(dim=-1, keepdim=True).mT / n  # (B, H, 1, d)
         grad_q = grad_k = grad_v = None
@@ -158,8 +162,12 @@ def _normalization_backward(
     """
     inv_std = torch.where(std > 0, 1.0 / std, torch.zeros_like(std))  # (B, H, 1, d)
     a = r * c * inv_std  # (B, H, 1, d)
-    grad = torch.addcmul(mu * a - mu_y @ m, x, a, value=-1.0)  # (B, H, N, d): the elementwise part first,
-    for b in range(x.shape[0]):  # then the matmul accumulates onto it (BLAS beta = 1): no extra pass
+    grad = torch.addcmul(
+        mu * a - mu_y @ m, x, a, value=-1.0
+    )  # (B, H, N, d): the elementwise part first,
+    for b in range(
+        x.shape[0]
+    ):  # then the matmul accumulates onto it (BLAS beta = 1): no extra pass
         grad[b].baddbmm_(y[b], m[b])
     return grad
 
@@ -174,7 +182,9 @@ def seqnorm_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = EPS) -> Tens
         (B, H, N, d) in the dtype of ``v``; computed in float32, autocast disabled inside.
     """
     if q.shape != k.shape or q.shape != v.shape or q.dim() < 3:
-        raise ValueError(f"q, k, v must share one (..., N, d) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must share one (..., N, d) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         out = _SeqNormAttentionFn.apply(q.float(), k.float(), v.float(), eps)

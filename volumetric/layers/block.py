@@ -25,7 +25,9 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = build_attention(attention, dim=dim, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout, memory_lean=memory_lean)
+        self.mlp = Mlp(
+            dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout, memory_lean=memory_lean
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,7 +22,9 @@ class _ChunkedMlpFn(torch.autograd.Function):
     """fc2(gelu(fc1(x))) on (M, C) rows, chunk by chunk, saving only x and the weights."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, chunk: int) -> Tensor:
+    def forward(
+        ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, chunk: int
+    ) -> Tensor:
         out = x.new_empty(x.shape[0], w2.shape[0])  # (M, C)
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
@@ -53,7 +55,9 @@ class _ChunkedMlpFn(torch.autograd.Function):
 class Mlp(nn.Module):
     """Linear → GELU → dropout → Linear → dropout, on (B, N, C)."""
 
-    def __init__(self, *, dim: int, hidden_dim: int, dropout: float = 0.0, memory_lean: bool = False):
+    def __init__(
+        self, *, dim: int, hidden_dim: int, dropout: float = 0.0, memory_lean: bool = False
+    ):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
@@ -64,9 +68,16 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.memory_lean and torch.is_grad_enabled() and not (self.training and self.drop.p > 0):
             device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            params = [p.to(dtype) for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)]
+            dtype = (
+                torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            )
+            params = [
+                p.to(dtype)
+                for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            ]
             with torch.autocast(device_type=device, enabled=False):
-                out = _ChunkedMlpFn.apply(x.reshape(-1, x.shape[-1]).to(dtype), *params, CHUNK_TOKENS)  # (B·N, C)
+                out = _ChunkedMlpFn.apply(
+                    x.reshape(-1, x.shape[-1]).to(dtype), *params, CHUNK_TOKENS
+                )  # (B·N, C)
             return out.view(x.shape)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))  # (B, N, C)

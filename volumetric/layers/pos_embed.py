@@ -11,7 +11,11 @@ from torch import Tensor
 
 
 def sincos_pos_embed_3d(
-    grid: tuple[int, int, int], dim: int, *, device: torch.device | None = None, temperature: float = 10000.0
+    grid: tuple[int, int, int],
+    dim: int,
+    *,
+    device: torch.device | None = None,
+    temperature: float = 10000.0,
 ) -> Tensor:
     """(N, dim) embedding for a (w, h, d) grid, tokens in row-major (w, h, d) order.
 
@@ -21,8 +25,12 @@ def sincos_pos_embed_3d(
     if dim < 6:
         raise ValueError(f"embed_dim={dim} must be at least 6 for a 3D sin-cos position embedding")
     per_axis = dim // 6  # frequencies per axis
-    omega = 1.0 / temperature ** (torch.arange(per_axis, device=device, dtype=torch.float32) / per_axis)  # (F,)
-    axes = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.float32) for n in grid), indexing="ij")
+    omega = 1.0 / temperature ** (
+        torch.arange(per_axis, device=device, dtype=torch.float32) / per_axis
+    )  # (F,)
+    axes = torch.meshgrid(
+        *(torch.arange(n, device=device, dtype=torch.float32) for n in grid), indexing="ij"
+    )
     parts = []
     for coord in axes:  # (w, h, d) each
         angles = coord.reshape(-1, 1) * omega  # (N, F)

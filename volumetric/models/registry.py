@@ -27,6 +27,10 @@ def build_model(model_args: dict[str, Any]) -> nn.Module:
     if arch == "densenet121":
         from monai.networks.nets import DenseNet121
 
-        return DenseNet121(spatial_dims=3, in_channels=args.get("in_channels", 1), out_channels=args["num_classes"],
-                           dropout_prob=args.get("dropout", 0.0))  # fmt: skip
+        return DenseNet121(
+            spatial_dims=3,
+            in_channels=args.get("in_channels", 1),
+            out_channels=args["num_classes"],
+            dropout_prob=args.get("dropout", 0.0),
+        )
     raise ValueError(f"arch={arch!r} is not one of {ARCHITECTURES}")

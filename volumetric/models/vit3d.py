@@ -45,15 +45,22 @@ def check_model_arguments(
     (before the classes are known: ``num_classes`` is then left at a valid placeholder). The
     defaults are VolumeTransformer's; this check has none of its own to drift from them.
     """
-    for name, value in [("num_classes", num_classes), ("in_channels", in_channels), ("embed_dim", embed_dim),
-                        ("depth", depth), ("num_heads", num_heads)]:  # fmt: skip
+    for name, value in [
+        ("num_classes", num_classes),
+        ("in_channels", in_channels),
+        ("embed_dim", embed_dim),
+        ("depth", depth),
+        ("num_heads", num_heads),
+    ]:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     as_triple(patch_size, "patch_size")
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
     if embed_dim < 6:
-        raise ValueError(f"embed_dim={embed_dim} must be at least 6 (3D sin-cos position embedding)")
+        raise ValueError(
+            f"embed_dim={embed_dim} must be at least 6 (3D sin-cos position embedding)"
+        )
     if not mlp_ratio > 0:
         raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
     if not 0.0 <= dropout < 1.0:
@@ -84,18 +91,36 @@ class VolumeTransformer(nn.Module):
         pool: str = "mean",
     ):
         super().__init__()
-        check_model_arguments(num_classes=num_classes, in_channels=in_channels, patch_size=patch_size,
-                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                              attention=attention, dropout=dropout, pool=pool)  # fmt: skip
+        check_model_arguments(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            attention=attention,
+            dropout=dropout,
+            pool=pool,
+        )
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.grad_checkpointing = grad_checkpointing
         self.pool = pool
-        self.patch_embed = PatchEmbed3d(patch_size=as_triple(patch_size, "patch_size"), in_channels=in_channels,
-                                        embed_dim=embed_dim)  # fmt: skip
+        self.patch_embed = PatchEmbed3d(
+            patch_size=as_triple(patch_size, "patch_size"),
+            in_channels=in_channels,
+            embed_dim=embed_dim,
+        )
         self.blocks = nn.ModuleList(
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, attention=attention, dropout=dropout,
-                  memory_lean=memory_lean)  # fmt: skip
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                attention=attention,
+                dropout=dropout,
+                memory_lean=memory_lean,
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim)
