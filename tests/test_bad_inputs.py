@@ -213,8 +213,8 @@ def test_constant_volume_is_a_valid_scan(trained_checkpoint, tmp_path):
 
 def test_four_channel_scan_with_matching_model(tmp_path):
     """Several channels are handled when the model is built for them (model.in_channels)."""
-    from transforms import build_preprocessing
     from volumetric.data.dataset import load_subject
+    from volumetric.transforms import build_preprocessing
 
     scan = _time_series(tmp_path / "multi.nii.gz")
     pipeline = build_preprocessing(

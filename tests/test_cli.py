@@ -15,12 +15,12 @@ import yaml
 from conftest import write_scan
 
 import volumetric.engine.train as train_module
-from transforms import build_preprocessing
+from volumetric.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.cli import evaluate_main, infer_main, train_main
 from volumetric.data.dataset import load_subject
-from volumetric.engine.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.models.registry import build_model
 from volumetric.models.vit3d import VolumeTransformer
+from volumetric.transforms import build_preprocessing
 
 METRIC_HEADER = [
     "epoch",
@@ -124,7 +124,8 @@ def test_checkpoint_is_self_describing(trained_run):
     assert state["preprocessing"]["target_shape"] == [16, 16, 16]
     assert state["preprocessing"]["patch_size"] == 4
     assert state["epoch"] == 2
-    model = build_model(state["model_args"])
+    assert state["arch"] == "vit3d"
+    model = VolumeTransformer(**state["model_args"])  # the model's constructor arguments, exactly
     model.load_state_dict(state["model"])  # the weights fit the arguments it carries
     assert 1 <= load_checkpoint(trained_run / "best.pt")["epoch"] <= 2
 
@@ -154,7 +155,7 @@ def test_same_seed_same_weights(trained_run, tiny_dataset_shared, tmp_path):
     assert_same_weights(first, second)
     # training did move the weights: a fresh model of the same seed differs
     torch.manual_seed(0)
-    fresh = build_model(load_checkpoint(run / "last.pt")["model_args"]).state_dict()
+    fresh = build_model("vit3d", load_checkpoint(run / "last.pt")["model_args"]).state_dict()
     assert not torch.equal(fresh["patch_embed.proj.weight"], first["patch_embed.proj.weight"])
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from test_cli import assert_one_line_error, assert_same_weights, train, weights, write_config
 
-from volumetric.engine.checkpoint import load_checkpoint
-from volumetric.io import atomic_path, atomic_write_text
+from volumetric.atomic_files import atomic_path, atomic_write_text
+from volumetric.checkpoint import load_checkpoint
 from volumetric.models.vit3d import VolumeTransformer
 
 EPOCHS = 12

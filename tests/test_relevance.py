@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from transforms import build_preprocessing
-from transforms.foreground_zscore import zscore_foreground
+from volumetric.checkpoint import save_checkpoint
 from volumetric.cli import infer_main
 from volumetric.data.dataset import preprocess_scan, read_scan
-from volumetric.engine.checkpoint import save_checkpoint
 from volumetric.errors import VolumetricError
 from volumetric.explain.relevance import to_input_grid, token_shares
 from volumetric.explain.save import map_names, scan_name
 from volumetric.inference import Predictor, predict_to_csv
 from volumetric.models.vit3d import VolumeTransformer
+from volumetric.transforms import build_preprocessing
+from volumetric.transforms.foreground_zscore import zscore_foreground
 
 SIZE, SIDE, PATCH = 16, 6, 4  # training volumes, planted cube, patch (all in voxels)
 MODEL_ARGS = dict(num_classes=2, patch_size=PATCH, embed_dim=24, depth=1, num_heads=2, pool="max")
@@ -332,7 +332,7 @@ def test_maps_need_the_token_model(tmp_path):
     """A checkpoint whose model has no tokens (e.g. the CNN baseline) cannot give maps: a user error."""
     torch.manual_seed(0)
     predictor = Predictor(save(tmp_path / "c.pt", VolumeTransformer(**MODEL_ARGS), NATIVE))
-    predictor.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    predictor.loaded.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
     scan = write_nifti(tmp_path / "s.nii.gz", np.ones((8, 8, 8)), np.eye(4))
     with pytest.raises(VolumetricError, match="relevance maps need a vit3d checkpoint"):
         predict_to_csv(

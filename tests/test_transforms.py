@@ -8,9 +8,14 @@ import torch
 import torchio as tio
 from conftest import write_scan
 
-from transforms import CTWindow, ForegroundZNormalization, build_augmentation, build_preprocessing
-from transforms.foreground_zscore import zscore_foreground
 from volumetric.errors import VolumetricError
+from volumetric.transforms import (
+    CTWindow,
+    ForegroundZNormalization,
+    build_augmentation,
+    build_preprocessing,
+)
+from volumetric.transforms.foreground_zscore import zscore_foreground
 
 
 def subject(data: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> tio.Subject:

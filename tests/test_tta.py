@@ -11,11 +11,11 @@ import torch
 import torchio as tio
 from conftest import write_scan
 
-from transforms.tta import build_tta
+from volumetric.checkpoint import save_checkpoint
 from volumetric.cli import infer_main
-from volumetric.engine.checkpoint import save_checkpoint
 from volumetric.inference import Predictor
 from volumetric.models.vit3d import VolumeTransformer
+from volumetric.transforms.tta import build_tta
 
 HEADER = ["path", "prediction", "prob_healthy", "prob_lesion", "error"]
 TTA_HEADER = [

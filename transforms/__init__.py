@@ -1,10 +1,10 @@
 """TorchIO pipelines (preprocessing, augmentation) and custom transforms, one per file."""
 
-from transforms.augment import build_augmentation
-from transforms.ct_window import CTWindow
-from transforms.foreground_zscore import ForegroundZNormalization
-from transforms.preprocess import build_preprocessing
-from transforms.tta import build_tta
+from volumetric.transforms.augment import build_augmentation
+from volumetric.transforms.ct_window import CTWindow
+from volumetric.transforms.foreground_zscore import ForegroundZNormalization
+from volumetric.transforms.preprocess import build_preprocessing
+from volumetric.transforms.tta import build_tta
 
 __all__ = [
     "CTWindow",

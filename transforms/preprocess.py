@@ -11,9 +11,9 @@ from typing import Any
 
 import torchio as tio
 
-from transforms.ct_window import CTWindow
-from transforms.foreground_zscore import ForegroundZNormalization
-from transforms.min_shape import RequireMinimumShape
+from volumetric.transforms.ct_window import CTWindow
+from volumetric.transforms.foreground_zscore import ForegroundZNormalization
+from volumetric.transforms.min_shape import RequireMinimumShape
 
 
 def build_preprocessing(data: dict[str, Any], patch_size: int | list[int]) -> tio.Compose:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torchio as tio
 
-from transforms.augment import build_augmentation
+from volumetric.transforms.augment import build_augmentation
 
 TTA_TRANSFORMS = ("RandomFlip", "RandomAffine")
 

@@ -1,4 +1,9 @@
-"""Console entry points: parse, call the library, report. User errors → one line, exit status 2."""
+"""Console entry points: parse, call the library, report.
+
+Exit status: 0 success; 1 ``volumetric-infer`` classified some scans but not all; 2 a user error
+(`VolumetricError`: one line); 70 a bug (any other exception: one line that says so; ``--debug``
+shows the traceback); 128 + N stopped by signal N (a resumable last.pt is saved).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from volumetric import __version__
-from volumetric.config import apply_overrides, config_from_dict, load_config
+from volumetric.config import apply_overrides, config_from_dict, config_to_yaml, load_config
 from volumetric.engine.distributed import is_main
 from volumetric.engine.interrupt import TrainingInterrupted
-from volumetric.errors import VolumetricError
+from volumetric.errors import VolumetricError, first_line
 from volumetric.explain.relevance import STEPS
 
 log = logging.getLogger("volumetric")
+
+EXIT_USAGE = 2  # the user's input: a bad path, scan, config or checkpoint
+EXIT_BUG = 70  # EX_SOFTWARE: an exception that is not a VolumetricError
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -58,14 +66,11 @@ def _run(
     )
     try:
         return body(args, overrides) or 0
-    except (
-        VolumetricError,
-        ValueError,
-    ) as error:  # ValueError: a bad argument the library rejected
+    except VolumetricError as error:
         if args.debug:
             raise
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except TrainingInterrupted as stopped:
         if is_main():  # every process stops at the same step; one says so
             print(f"{parser.prog}: {stopped}", file=sys.stderr)
@@ -73,6 +78,15 @@ def _run(
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # not the user's doing: a bug here or in a library
+        if args.debug:
+            raise
+        print(
+            f"{parser.prog}: internal error (a bug, please report it): {type(error).__name__}: "
+            f"{first_line(error, 'no message')} (run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -84,38 +98,60 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         "Train a whole-volume classifier on a folder of class sub-folders or a CSV.",
     )
     parser.add_argument(
-        "data", help="training data: root/<class>/*.nii.gz, or a CSV manifest with path,label"
+        "data",
+        nargs="?",
+        help="training data: root/<class>/*.nii.gz, or a CSV manifest with path,label",
     )
     parser.add_argument(
         "--val", help="validation data in the same form (default: a stratified split of DATA)"
     )
     parser.add_argument(
-        "--config", help="YAML config (default: built-in defaults; with --resume, the run's own)"
+        "--config",
+        action="append",
+        metavar="YAML",
+        help="config file; repeat to merge several in order, e.g. base, then data set, then "
+        "experiment (default: built-in defaults; with --resume, the run's own)",
     )
     parser.add_argument(
         "--output-dir",
-        required=True,
         help="run folder: checkpoints, metrics.csv, config.yaml, learning_curves.png, tensorboard/",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --output-dir from its last.pt"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults, --config files, overrides) as YAML and exit",
     )
     parser.epilog = "Any config value can be overridden: --train.epochs=5 --model.attention=softmax"
     return _run(argv, parser, _train, allow_overrides=True)
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.checkpoint import load_checkpoint
     from volumetric.data.discovery import discover
-    from volumetric.engine.checkpoint import load_checkpoint
+    from volumetric.device import configure_cpu_allocator, resolve_device
     from volumetric.engine.train import train
 
     if args.resume and args.config is None:
+        if args.output_dir is None:
+            raise VolumetricError("--resume needs the --output-dir of the run to continue")
         raw = load_checkpoint(Path(args.output_dir) / "last.pt")["config"]
         config = config_from_dict(apply_overrides(raw, overrides))
     else:
         config = load_config(args.config, overrides)
     if args.device:
         config.train.device = args.device
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
+    if args.data is None or args.output_dir is None:
+        raise VolumetricError("training needs DATA and --output-dir (see volumetric-train --help)")
+    if resolve_device(config.train.device).type == "cpu":
+        # a process-wide choice, so the command's to make, not the library's (see device.py)
+        model = config.model
+        configure_cpu_allocator(memory_saving=model.grad_checkpointing or model.memory_lean)
     result = train(
         config,
         discover(args.data),
@@ -155,7 +191,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from volumetric.engine.evaluate import evaluate_checkpoint
+    from volumetric.evaluation.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         args.checkpoint,
@@ -253,7 +289,7 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
     predictions = predict_to_csv(
         predictor, scans, Path(args.output), progress=not args.no_progress, maps=maps
     )
-    failed = sum(1 for p in predictions if p.error)
+    failed = sum(1 for p in predictions if isinstance(p, str))
     print(
         f"wrote {len(predictions)} rows to {args.output} ({failed} failed)"
         + (f"; relevance maps in {maps}" if maps else "")
@@ -272,9 +308,16 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="small sizes and short caps (about 2 minutes on a CPU)"
     )
-    parser.add_argument("--output", default="docs/benchmarks.md", help="Markdown report to update")
     parser.add_argument(
-        "--plot", default="docs/benchmarks.png", help="log-log plot of attention time and memory"
+        "--output",
+        default="benchmarks.md",
+        help="Markdown report to update (default: benchmarks.md here; the repository's own "
+        "record is docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--plot",
+        default="benchmarks.png",
+        help="log-log plot of attention time and memory (default: benchmarks.png here)",
     )
     parser.add_argument(
         "--threads", type=int, help="torch threads per case (default: torch's choice)"

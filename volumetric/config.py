@@ -7,8 +7,8 @@ A config file holds up to four sections, each optional (defaults below):
     augment: a list of TorchIO random transforms, each ``{Name: {arguments}}``, training only
     train:   optimisation and bookkeeping
 
-`load_config` reads a file, applies overrides and validates; every mistake a user can make is a
-`VolumetricError` naming the key.
+`load_config` reads the defaults, then config files in order, applies overrides and validates; every mistake a user can make is a
+`ConfigError` (a VolumetricError) naming the key.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from volumetric.errors import VolumetricError
+from volumetric.errors import ConfigError
 
 INTENSITY_MODES = ("zscore", "ct", "minmax", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -98,7 +99,7 @@ class Config:
         from volumetric.models.vit3d import check_model_arguments
 
         if m.arch not in ARCHITECTURES:
-            raise VolumetricError(f"config model.arch={m.arch!r} is not one of {ARCHITECTURES}")
+            raise ConfigError(f"config model.arch={m.arch!r} is not one of {tuple(ARCHITECTURES)}")
         model_arguments = {
             k: v
             for k, v in asdict(m).items()
@@ -107,46 +108,40 @@ class Config:
         try:
             check_model_arguments(**model_arguments)
         except ValueError as error:  # the message starts with the argument's name
-            raise VolumetricError(f"config model.{error}") from None
+            raise ConfigError(f"config model.{error}") from None
         if d.intensity not in INTENSITY_MODES:
-            raise VolumetricError(
+            raise ConfigError(
                 f"config data.intensity={d.intensity!r} is not one of {INTENSITY_MODES}"
             )
         if t.precision not in PRECISIONS:
-            raise VolumetricError(
-                f"config train.precision={t.precision!r} is not one of {PRECISIONS}"
-            )
+            raise ConfigError(f"config train.precision={t.precision!r} is not one of {PRECISIONS}")
         if d.target_shape is not None:
             patch = [m.patch_size] * 3 if isinstance(m.patch_size, int) else m.patch_size
             if len(d.target_shape) != 3 or any(
                 s <= 0 or s % p for s, p in zip(d.target_shape, patch)
             ):
-                raise VolumetricError(
+                raise ConfigError(
                     f"config data.target_shape={d.target_shape} must be three positive multiples of "
                     f"model.patch_size={m.patch_size}"
                 )
         if len(d.ct_window) != 2 or d.ct_window[0] >= d.ct_window[1]:
-            raise VolumetricError(
+            raise ConfigError(
                 f"config data.ct_window={d.ct_window} must be [low, high] with low < high"
             )
         for name in ("epochs", "batch_size", "grad_accum_steps"):
             if getattr(t, name) < 1:
-                raise VolumetricError(
-                    f"config train.{name} must be at least 1, got {getattr(t, name)}"
-                )
+                raise ConfigError(f"config train.{name} must be at least 1, got {getattr(t, name)}")
         if not 0.0 <= t.val_fraction < 1.0:
-            raise VolumetricError(
-                f"config train.val_fraction must be in [0, 1), got {t.val_fraction}"
-            )
+            raise ConfigError(f"config train.val_fraction must be in [0, 1), got {t.val_fraction}")
         if t.lr <= 0:
-            raise VolumetricError(f"config train.lr must be positive, got {t.lr}")
+            raise ConfigError(f"config train.lr must be positive, got {t.lr}")
         for i, entry in enumerate(self.augment):
             if not (
                 isinstance(entry, dict)
                 and len(entry) == 1
                 and isinstance(next(iter(entry.values())) or {}, dict)
             ):
-                raise VolumetricError(
+                raise ConfigError(
                     f"config augment[{i}] must be one mapping {{TransformName: {{arguments}}}}, got {entry!r}"
                 )
         return self
@@ -178,9 +173,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         for option in typing.get_args(annotation):
             try:
                 return _check_type(value, option, key)
-            except VolumetricError:
+            except ConfigError:
                 continue
-        raise VolumetricError(
+        raise ConfigError(
             f"config {key}={value!r} has the wrong type (expected {_type_name(annotation)})"
         )
     if annotation is type(None):
@@ -204,7 +199,7 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     elif origin is dict or annotation is Any:
         return value
-    raise VolumetricError(
+    raise ConfigError(
         f"config {key}={value!r} has the wrong type (expected {_type_name(annotation)})"
     )
 
@@ -214,24 +209,24 @@ def _type_name(annotation: Any) -> str:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build a Config from nested dicts; unknown sections or keys are a VolumetricError."""
+    """Build a Config from nested dicts; unknown sections or keys are a ConfigError."""
     if not isinstance(raw, dict):
-        raise VolumetricError(f"config must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
     unknown = set(raw) - {f.name for f in fields(Config)}
     if unknown:
-        raise VolumetricError(
+        raise ConfigError(
             f"unknown config section(s) {sorted(unknown)}; known: model, data, augment, train"
         )
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):
-            raise VolumetricError(f"config section {name!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}
         for key in values:
             if key not in known:
-                raise VolumetricError(
+                raise ConfigError(
                     f"unknown config key {name}.{key}; known keys of {name}: {', '.join(sorted(known))}"
                 )
         sections[name] = cls(
@@ -239,7 +234,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         )
     augment = raw.get("augment") or []
     if not isinstance(augment, list):
-        raise VolumetricError(
+        raise ConfigError(
             f"config augment must be a list of {{TransformName: {{arguments}}}}, got {augment!r}"
         )
     return Config(augment=augment, **sections).validate()
@@ -251,17 +246,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, text = item.removeprefix("--").partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
-            raise VolumetricError(
+            raise ConfigError(
                 f"override {item!r} must look like --section.key=value, e.g. --train.epochs=5"
             )
         if section not in SECTIONS:
-            raise VolumetricError(
+            raise ConfigError(
                 f"unknown config section in override {item!r}; known: {', '.join(SECTIONS)}"
             )
         try:
             value = _parse_yaml(text) if text else None
         except yaml.YAMLError as error:
-            raise VolumetricError(
+            raise ConfigError(
                 f"override {item!r}: value is not valid YAML ({error.problem})"
             ) from None
         section_values = raw.setdefault(section, {}) or {}
@@ -270,24 +265,54 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), apply overrides and validate."""
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = _parse_yaml(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections, got {raw!r}")
+    return raw
+
+
+def merge_configs(base: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``later`` over ``base``: section by section and key by key; the ``augment`` list, being one
+    pipeline, is replaced as a whole. Neither argument is changed."""
+    merged = {name: dict(v) if isinstance(v, dict) else v for name, v in base.items()}
+    for name, values in later.items():
+        if isinstance(values, dict) and isinstance(merged.get(name), dict):
+            merged[name].update(values)
+        else:
+            merged[name] = values
+    return merged
+
+
+def load_config(
+    paths: str | Path | Sequence[str | Path] | None, overrides: Sequence[str] = ()
+) -> Config:
+    """The built-in defaults, then each YAML file of ``paths`` in order (e.g. base, data set,
+    experiment: a later file sets only what it changes), then ``overrides``; validated."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
     raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = _parse_yaml(path.read_text()) or {}
-        except FileNotFoundError:
-            raise VolumetricError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise VolumetricError(f"cannot read config file {path}: {error}") from None
-        except yaml.YAMLError as error:
-            raise VolumetricError(f"config file {path} is not valid YAML: {error}") from None
+    for path in paths:
+        raw = merge_configs(raw, _read_yaml(Path(path)))
     return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML, in the order of the dataclasses (what config.yaml holds)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from volumetric.io import atomic_write_text
+    from volumetric.atomic_files import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(Path(path), config_to_yaml(config))

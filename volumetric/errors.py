@@ -1,6 +1,9 @@
-"""The one exception type for errors a user can cause (bad paths, scans, configs, checkpoints).
+"""Errors a user can cause, as distinct from bugs.
 
-The command-line tools turn it into a single line on stderr and exit status 2.
+`VolumetricError` (and its `ConfigError` subclass) is a problem with the user's input: a bad
+path, scan, config or checkpoint. The command-line tools report it as one line and exit status 2.
+Any other exception reaching them is a bug in volumetric or a library it calls, and is reported as
+one, with exit status 70 (EX_SOFTWARE) and a pointer to ``--debug`` for the traceback.
 """
 
 from __future__ import annotations
@@ -8,6 +11,10 @@ from __future__ import annotations
 
 class VolumetricError(Exception):
     """A problem with the user's input, not a bug: reported as one line, exit status 2."""
+
+
+class ConfigError(VolumetricError):
+    """A config value that cannot be used; the message names the key (``config train.lr ...``)."""
 
 
 def first_line(error: BaseException, default: str | None = None) -> str:

@@ -1,20 +1,25 @@
-"""Inference: scans → one row each (path, prediction, prob_<class>..., error) → CSV.
+"""Inference: a checkpoint ready to use, and scans → predictions → CSV.
+
+    load_model("best.pt")          the model in eval mode, its class names, its preprocessing
+    Predictor("best.pt")(scan)     one scan (a path, a numpy array with its affine, or a TorchIO
+                                   image) → a Prediction; raises VolumetricError on a bad scan
+    predict_to_csv(...)            many scans → one CSV row each; a scan that fails gets a row
+                                   with its error and the others are unaffected (volumetric-infer)
 
 Everything comes from the checkpoint: the model, its classes and the preprocessing. Scans of any
-size run (the position embedding follows the token grid). A scan that cannot be read or
-processed gets a row with its error and no prediction; the others are unaffected.
+size run (the position embedding follows the token grid).
 
-Options:
+Options of `Predictor`:
 
 - ``tta=N`` (test-time augmentation): N random label-preserving views of each preprocessed scan
-  (`transforms.tta`) are classified besides the scan itself; ``prob_<class>`` is then the mean
-  over the N + 1 passes, and extra columns ``prob_std_<class>`` hold their standard deviation
-  (sample std, N + 1 − 1 degrees of freedom). The views are drawn from ``seed`` anew for every
-  scan, so a scan gets the same views whatever else is in the batch, and a rerun the same CSV.
-- ``maps=DIR`` (relevance maps): gradient × input on the patch tokens for the predicted class,
+  (`volumetric.transforms.tta`) are classified besides the scan itself; ``probs`` is then the
+  mean over the N + 1 passes and ``probs_std`` their standard deviation (sample std, N degrees of
+  freedom). The views are drawn from ``seed`` anew for every scan, so a scan gets the same views
+  whatever else is classified, and a rerun the same numbers.
+- ``explain=True`` (relevance maps): gradient × input on the patch tokens for the predicted class,
   the gradient averaged over ``map_steps`` points of a path from an empty scan
-  (`volumetric.explain.relevance`), written as DIR/<name>_relevance.nii.gz on the input scan's
-  grid and DIR/<name>_relevance.png, a three-slice montage. Only the unaugmented pass is explained.
+  (`volumetric.explain.relevance`), on the input scan's grid. Only the unaugmented pass is
+  explained.
 """
 
 from __future__ import annotations
@@ -22,49 +27,134 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torchio as tio
+from torch import nn
 from tqdm import tqdm
 
-from transforms import build_preprocessing
-from transforms.tta import build_tta
-from volumetric.data.dataset import preprocess_scan, read_scan
+from volumetric.atomic_files import atomic_write_csv
+from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
+from volumetric.data.dataset import check_volume, preprocess_scan, read_scan
 from volumetric.device import autocast, autocast_dtype, resolve_device
-from volumetric.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from volumetric.errors import VolumetricError, first_line
+from volumetric.evaluation.rows import PredictionTable, predicted_class
 from volumetric.explain.relevance import STEPS, RelevanceMap, relevance_map
 from volumetric.explain.save import map_names, save_relevance
-from volumetric.io import atomic_write_csv
 from volumetric.models.vit3d import VolumeTransformer
+from volumetric.transforms import build_preprocessing
+from volumetric.transforms.tta import build_tta
 
 log = logging.getLogger(__name__)
+
+Scan = str | Path | np.ndarray | torch.Tensor | tio.Image
+"""What `Predictor` classifies: a scan file or DICOM folder, a (W, H, D) or (C, W, H, D) array
+with its 4×4 voxel-to-world affine (RAS, mm), or a TorchIO image."""
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to use (`load_model`): everything it takes to classify a scan."""
+
+    model: nn.Module  # eval mode, on ``device``
+    class_names: list[str]  # in logit order
+    preprocessing: tio.Compose  # the deterministic pipeline the model was trained behind
+    settings: dict[str, Any]  # what ``preprocessing`` was built from: data section + patch_size
+    in_channels: int
+    arch: str
+    config: dict[str, Any]  # the training run's resolved config
+    path: Path
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None: float32
+
+    def preprocess(self, image: tio.Image, source: str | Path = "scan") -> tio.Subject:
+        """The Subject whose ``image`` is the (C, W, H, D) float32 tensor the model takes."""
+        return preprocess_scan(source, image, self.preprocessing, self.in_channels)
+
+    @torch.no_grad()
+    def probabilities(self, volume: torch.Tensor) -> torch.Tensor:
+        """(B, C, W, H, D) preprocessed volumes → (B, num_classes) class probabilities on the CPU."""
+        with autocast(self.device, self.dtype):
+            logits = self.model(volume.to(self.device))  # (B, num_classes)
+        return logits.float().softmax(dim=1).cpu()
+
+
+def load_model(
+    checkpoint: str | Path, *, device: str = "auto", precision: str = "auto"
+) -> LoadedModel:
+    """Load a checkpoint written by volumetric-train (any format version) for inference."""
+    state = load_checkpoint(checkpoint)
+    run_device = resolve_device(device)
+    settings = state["preprocessing"]
+    return LoadedModel(
+        model=model_from_checkpoint(state, checkpoint).to(run_device),
+        class_names=list(state["class_names"]),
+        preprocessing=build_preprocessing(settings, settings["patch_size"]),
+        settings=dict(settings),
+        in_channels=state["model_args"].get("in_channels", 1),
+        arch=state["arch"],
+        config=state.get("config") or {},
+        path=Path(checkpoint),
+        device=run_device,
+        dtype=autocast_dtype(run_device, precision),
+    )
 
 
 @dataclass
 class Prediction:
-    path: Path
-    probs: list[float] = field(
-        default_factory=list
-    )  # one per class (mean over TTA passes); empty when the scan failed
-    error: str = ""
-    probs_std: list[float] = field(
-        default_factory=list
-    )  # std over the TTA passes, one per class; empty without TTA
-    relevance: RelevanceMap | None = field(
-        default=None, repr=False
-    )  # when asked for with explain=True
+    source: str  # the scan's path, or what was given instead of one
+    class_names: list[str] = field(repr=False)
+    probs: list[float]  # one per class (mean over TTA passes)
+    probs_std: list[float] = field(default_factory=list)  # std over TTA passes; empty without TTA
+    relevance: RelevanceMap | None = field(default=None, repr=False)  # with explain=True
+
+    @property
+    def prediction(self) -> str:
+        """The predicted class name."""
+        return self.class_names[predicted_class(self.probs)]
+
+
+def as_image(scan: Scan, affine: np.ndarray | None = None) -> tuple[tio.ScalarImage, str]:
+    """The scan as a checked, loaded TorchIO image, and a name for messages and CSV rows."""
+    if isinstance(scan, (str, Path)):
+        return read_scan(Path(scan)), str(scan)
+    if isinstance(scan, tio.Image):
+        source = str(scan.path) if scan.path is not None else "image"
+        return check_volume(tio.ScalarImage(tensor=scan.data, affine=scan.affine), source), source
+    if isinstance(scan, (np.ndarray, torch.Tensor)):
+        if affine is None:
+            raise VolumetricError(
+                "an array needs its affine (4×4, voxel to world in mm): predictor(array, affine=A)"
+            )
+        data = torch.as_tensor(np.asarray(scan, dtype=np.float32))
+        if data.dim() == 3:
+            data = data[None]  # (1, W, H, D)
+        if data.dim() != 4:
+            raise VolumetricError(
+                f"an array scan must be (W, H, D) or (C, W, H, D), got {tuple(data.shape)}"
+            )
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise VolumetricError(f"affine must be 4×4, got {affine.shape}")
+        return check_volume(tio.ScalarImage(tensor=data, affine=affine), "array"), "array"
+    raise VolumetricError(
+        f"cannot classify a {type(scan).__name__}: give a path, an array or a TorchIO image"
+    )
 
 
 class Predictor:
-    """A checkpoint ready to classify scans: ``Predictor(path)(scan) -> Prediction``.
+    """A checkpoint ready to classify scans: ``Predictor("best.pt")(scan) -> Prediction``.
 
-    ``tta``: augmented passes per scan (0: off), their views drawn from ``seed``; ``map_steps``:
-    gradient evaluations per relevance map (``explain=True``), 1 for plain gradient × input.
+    ``checkpoint``: a path, or a `LoadedModel` already loaded. ``tta``: augmented passes per scan
+    (0: off), their views drawn from ``seed``; ``map_steps``: gradient evaluations per relevance
+    map (``explain=True``), 1 for plain gradient × input.
     """
 
     def __init__(
         self,
-        checkpoint: str | Path,
+        checkpoint: str | Path | LoadedModel,
         *,
         device: str = "auto",
         precision: str = "auto",
@@ -80,108 +170,80 @@ class Predictor:
             raise VolumetricError(
                 f"map_steps must be 1 (plain gradient × input) or more, got {map_steps!r}"
             )
-        state = load_checkpoint(checkpoint)
-        self.checkpoint = Path(checkpoint)
+        if not isinstance(checkpoint, LoadedModel):
+            checkpoint = load_model(checkpoint, device=device, precision=precision)
+        self.loaded = checkpoint
         self.tta, self.seed, self.map_steps = tta, seed, map_steps
         try:
-            self.views = build_tta((state.get("config") or {}).get("augment")) if tta else None
+            self.views = build_tta(checkpoint.config.get("augment")) if tta else None
         except VolumetricError as error:
-            raise VolumetricError(f"{checkpoint}: {error}") from None
-        self.class_names: list[str] = state["class_names"]
-        settings = state["preprocessing"]
-        self.preprocess = build_preprocessing(settings, settings["patch_size"])
-        self.device = resolve_device(device)
-        self.dtype = autocast_dtype(self.device, precision)
-        self.model = model_from_checkpoint(state, checkpoint).to(self.device)
-        self.in_channels = state["model_args"].get("in_channels", 1)
+            raise VolumetricError(f"{checkpoint.path}: {error}") from None
+        self.table = PredictionTable(checkpoint.class_names, with_std=tta > 0, with_error=True)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.loaded.class_names
 
     def check_explainable(self) -> None:
         """Relevance maps need the token model; a VolumetricError for any other architecture."""
         if not isinstance(self.model, VolumeTransformer):
             raise VolumetricError(
-                f"{self.checkpoint}: relevance maps need a vit3d checkpoint, this model is a "
+                f"{self.loaded.path}: relevance maps need a vit3d checkpoint, this model is a "
                 f"{type(self.model).__name__}"
             )
 
-    @torch.no_grad()
-    def __call__(self, scan: Path, *, explain: bool = False) -> Prediction:
-        """Classify one scan (with TTA when set up); ``explain=True`` adds its relevance map."""
+    def __call__(
+        self, scan: Scan, *, affine: np.ndarray | None = None, explain: bool = False
+    ) -> Prediction:
+        """Classify one scan (with TTA when set up); ``explain=True`` adds its relevance map.
+        Raises VolumetricError when the scan cannot be read or preprocessed."""
+        if explain:
+            self.check_explainable()
+        original, source = as_image(scan, affine)
+        subject = self.loaded.preprocess(original, source)
+        image = subject.image.data.float().unsqueeze(0)  # (1, C, W, H, D)
+        views = self._augmented_probs(subject)  # (tta, num_classes)
         relevance = None
-        try:
-            original = read_scan(scan)
-            subject = preprocess_scan(scan, original, self.preprocess, self.in_channels)
-            probs = self._augmented_probs(subject)  # [(num_classes,)] × tta
-            image = subject.image.data.float().unsqueeze(0).to(self.device)  # (1, C, W, H, D)
-            with autocast(self.device, self.dtype):
-                if explain:
-                    self.check_explainable()
+        if explain:
+            loaded = self.loaded
 
-                    def final_class(logits: torch.Tensor) -> int:  # the class the row will name
-                        return int(
-                            torch.stack([*probs, logits.float().softmax(dim=1)[0].cpu()])
-                            .mean(dim=0)
-                            .argmax()
-                        )
+            def final_class(logits: torch.Tensor) -> int:  # the class the prediction will name
+                plain = logits.float().softmax(dim=1).cpu()  # (1, num_classes)
+                return int(torch.cat([plain, views]).mean(dim=0).argmax())
 
-                    logits, relevance = relevance_map(
-                        self.model,
-                        image,
-                        subject.image.affine,
-                        original,
-                        target=final_class,
-                        steps=self.map_steps,
-                    )
-                else:
-                    logits = self.model(image)  # (1, num_classes)
-        except VolumetricError as error:
-            return Prediction(scan, error=str(error))
-        except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
-            return Prediction(scan, error=f"{scan}: {first_line(error)}")
-        passes = torch.stack(
-            [logits.float().softmax(dim=1)[0].cpu(), *probs]
-        )  # (1 + tta, num_classes)
+            with autocast(loaded.device, loaded.dtype):
+                logits, relevance = relevance_map(
+                    self.model,
+                    image.to(loaded.device),
+                    subject.image.affine,
+                    original,
+                    target=final_class,
+                    steps=self.map_steps,
+                )
+            plain = logits.float().softmax(dim=1).cpu()  # (1, num_classes)
+        else:
+            plain = self.loaded.probabilities(image)  # (1, num_classes)
+        passes = torch.cat([plain, views])  # (1 + tta, num_classes)
         if not self.tta:
-            return Prediction(scan, probs=passes[0].tolist(), relevance=relevance)
-        return Prediction(
-            scan,
-            probs=passes.mean(dim=0).tolist(),
-            probs_std=passes.std(dim=0).tolist(),
-            relevance=relevance,
-        )
+            return Prediction(source, self.class_names, passes[0].tolist(), relevance=relevance)
+        mean, std = passes.mean(dim=0).tolist(), passes.std(dim=0).tolist()
+        return Prediction(source, self.class_names, mean, std, relevance=relevance)
 
-    def _augmented_probs(self, subject) -> list[torch.Tensor]:
-        """Class probabilities (num_classes,) of ``self.tta`` random views of the preprocessed subject,
-        drawn from ``self.seed`` (TorchIO draws from torch's global RNG, forked here and restored)."""
-        probs: list[torch.Tensor] = []
-        if not self.tta:
-            return probs
+    def _augmented_probs(self, subject: tio.Subject) -> torch.Tensor:
+        """(tta, num_classes) probabilities of ``self.tta`` random views of the preprocessed
+        subject, drawn from ``self.seed`` (TorchIO draws from torch's global RNG, which is forked
+        here and restored)."""
+        probs = [torch.zeros(0, len(self.class_names))]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             for _ in range(self.tta):
-                view = (
-                    self.views(subject).image.data.float().unsqueeze(0).to(self.device)
-                )  # (1, C, W, H, D)
-                with autocast(self.device, self.dtype):
-                    probs.append(self.model(view).float().softmax(dim=1)[0].cpu())
-        return probs
-
-    def header(self) -> list[str]:
-        std = [f"prob_std_{name}" for name in self.class_names] if self.tta else []
-        return ["path", "prediction", *(f"prob_{name}" for name in self.class_names), *std, "error"]
-
-    def row(self, prediction: Prediction) -> list[str]:
-        columns = len(self.class_names) * (2 if self.tta else 1)
-        if prediction.error:
-            return [str(prediction.path), "", *([""] * columns), prediction.error]
-        best = max(range(len(prediction.probs)), key=prediction.probs.__getitem__)
-        std = [f"{s:.6f}" for s in prediction.probs_std] if self.tta else []
-        return [
-            str(prediction.path),
-            self.class_names[best],
-            *(f"{p:.6f}" for p in prediction.probs),
-            *std,
-            "",
-        ]
+                view = self.views(subject).image.data.float().unsqueeze(0)  # (1, C, W, H, D)
+                probs.append(self.loaded.probabilities(view))
+        return torch.cat(probs)
 
 
 def predict_to_csv(
@@ -191,8 +253,9 @@ def predict_to_csv(
     *,
     progress: bool = True,
     maps: Path | None = None,
-) -> list[Prediction]:
-    """Classify every scan and write the CSV atomically; returns the predictions, failures included.
+) -> list[Prediction | str]:
+    """Classify every scan and write the CSV atomically; returns, per scan, its Prediction or
+    its error message.
 
     With ``maps``, each scan that is classified also gets its relevance map (NIfTI and PNG) there,
     written as soon as it is computed; a scan that fails gets none.
@@ -200,22 +263,34 @@ def predict_to_csv(
     if maps is not None:
         predictor.check_explainable()
         names = map_names(scans)
-    predictions = []
+    results: list[Prediction | str] = []
+    rows = []
     for index, scan in enumerate(tqdm(scans, desc="infer", disable=not progress)):
-        prediction = predictor(scan, explain=maps is not None)
-        if prediction.error:
-            log.error("%s", prediction.error)
-        if maps is not None and prediction.relevance is not None:
-            name = predictor.class_names[prediction.relevance.target]
-            try:
-                save_relevance(prediction.relevance, Path(maps), names[index], name)
-            except (
-                OSError
-            ) as error:  # the output folder, not the scan: every other scan would fail alike
-                raise VolumetricError(
-                    f"{maps}: cannot write relevance maps ({error.strerror or error})"
-                ) from None
-            prediction.relevance = None  # written; do not keep every map in memory
-        predictions.append(prediction)
-    atomic_write_csv(output, predictor.header(), [predictor.row(p) for p in predictions])
-    return predictions
+        try:
+            result = predictor(scan, explain=maps is not None)
+        except VolumetricError as error:
+            result = str(error)
+        except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
+            result = f"{scan}: {first_line(error)}"
+        if isinstance(result, str):
+            log.error("%s", result)
+            rows.append(predictor.table.row(scan, error=result))
+        else:
+            if maps is not None:
+                _save_map(predictor, result, Path(maps), names[index])
+            rows.append(predictor.table.row(scan, result.probs, probs_std=result.probs_std))
+        results.append(result)
+    atomic_write_csv(output, predictor.table.header(), rows)
+    return results
+
+
+def _save_map(predictor: Predictor, prediction: Prediction, maps: Path, name: str) -> None:
+    """Write one scan's relevance map, then drop it: every map kept would fill the memory."""
+    relevance = prediction.relevance
+    try:
+        save_relevance(relevance, maps, name, predictor.class_names[relevance.target])
+    except OSError as error:  # the output folder, not the scan: every other scan would fail alike
+        raise VolumetricError(
+            f"{maps}: cannot write relevance maps ({error.strerror or error})"
+        ) from None
+    prediction.relevance = None

@@ -15,9 +15,9 @@ import torch
 import yaml
 from conftest import make_tiny_dataset
 
+from volumetric.checkpoint import load_checkpoint
 from volumetric.cli import infer_main, train_main
 from volumetric.data.sampler import EpochSampler, strided_shard
-from volumetric.engine.checkpoint import load_checkpoint
 from volumetric.engine.distributed import (
     all_gather,
     all_reduce_max,
@@ -25,7 +25,7 @@ from volumetric.engine.distributed import (
     barrier,
     distributed_session,
 )
-from volumetric.engine.evaluate import evaluate_checkpoint
+from volumetric.evaluation.evaluate import evaluate_checkpoint
 
 CONFIG = {
     "model": {"patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2},
@@ -208,7 +208,11 @@ def test_two_processes_write_one_run_folder(ddp_run):
     ]  # 4 batches of 2 per process and epoch, 2 accumulated per step
     assert done.stdout.count("best epoch") == 1  # only rank 0 reports
     state = load_checkpoint(run / "last.pt")
-    assert state["epoch"] == 2 and state["world_size"] == 2 and state["partial"] is None
+    assert (
+        state["epoch"] == 2
+        and state["training"]["world_size"] == 2
+        and state["training"]["partial"] is None
+    )
 
 
 def test_checkpoint_is_plain_and_infers(ddp_run, data, tmp_path):
@@ -229,7 +233,7 @@ def test_checkpoint_is_plain_and_infers(ddp_run, data, tmp_path):
 
 
 def test_validation_covers_the_whole_set_once(ddp_run, data, tmp_path):
-    """The epoch-2 validation metrics, gathered from the two shards (3 + 2 scans), equal volumetric.engine.evaluate
+    """The epoch-2 validation metrics, gathered from the two shards (3 + 2 scans), equal volumetric.evaluation.evaluate
     on the validation folder with the weights saved after epoch 2: a scan counted twice, or missed, would show."""
     run, _ = ddp_run
     metrics = evaluate_checkpoint(
@@ -264,8 +268,8 @@ def test_signal_to_one_process_stops_both_and_resume_is_exact(ddp_run, data, tmp
     state = load_checkpoint(run / "last.pt")
     assert (
         state["epoch"] == 1
-        and state["partial"]["batch"] == 2
-        and len(state["partial"]["rngs"]) == 2
+        and state["training"]["partial"]["batch"] == 2
+        and len(state["training"]["partial"]["rngs"]) == 2
     )
     script_path = shutil.which("volumetric-train", path=str(Path(sys.executable).parent))
     launcher = [script_path] if script_path else ["-m", "volumetric", "train"]
@@ -306,4 +310,4 @@ def test_resume_on_one_process(ddp_run, data, tmp_path):
     assert float(rows[2]["lr"]) == pytest.approx(
         0.0, abs=1e-12
     )  # the cosine ends with the last epoch
-    assert load_checkpoint(run / "last.pt")["world_size"] == 1
+    assert load_checkpoint(run / "last.pt")["training"]["world_size"] == 1

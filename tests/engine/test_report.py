@@ -18,14 +18,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_cli import train, write_config
 
 from volumetric.cli import evaluate_main
-from volumetric.engine.metrics import (
+from volumetric.engine.run_log import RunLog
+from volumetric.evaluation.metrics import (
     bootstrap_auroc,
     classification_metrics,
     evaluation_report,
     roc_curves,
 )
-from volumetric.engine.plots import plot_confusion_matrix, plot_learning_curves, plot_roc
-from volumetric.engine.run_log import RunLog
+from volumetric.evaluation.plots import plot_confusion_matrix, plot_learning_curves, plot_roc
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

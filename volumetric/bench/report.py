@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from volumetric.atomic_files import atomic_path, atomic_write_text
 from volumetric.bench.cases import tokens_of, volume_shape
 from volumetric.bench.runner import Result
 from volumetric.bench.suite import ATTENTION_ORDER, SuiteSettings
-from volumetric.io import atomic_path, atomic_write_text
 
 
 def machine_description(device: str) -> str:

@@ -97,12 +97,18 @@ def read_scan(path: Path) -> tio.ScalarImage:
         raise VolumetricError(
             f"{path}: cannot read scan: not an image file, or truncated{detail}"
         ) from None
+    return check_volume(image, path)
+
+
+def check_volume(image: tio.Image, source: str | Path) -> tio.Image:
+    """``image`` (loaded) if it is a 3D volume of finite values, else a VolumetricError naming
+    ``source``; shared by scans read from disk and volumes handed over in memory."""
     spatial = image.spatial_shape
     if sum(n > 1 for n in spatial) < 3:
-        raise VolumetricError(f"{path}: a {'×'.join(map(str, spatial))} image is not a 3D volume")
+        raise VolumetricError(f"{source}: a {'×'.join(map(str, spatial))} image is not a 3D volume")
     bad = int((~torch.isfinite(image.data)).sum())
     if bad:
-        raise VolumetricError(f"{path}: {bad} voxel(s) are NaN or infinite")
+        raise VolumetricError(f"{source}: {bad} voxel(s) are NaN or infinite")
     return image
 
 
@@ -126,9 +132,8 @@ def preprocess_scan(
     with torch.random.fork_rng(devices=[]):
         try:
             return preprocess(tio.Subject(image=image))
-        except (
-            VolumetricError
-        ) as error:  # raised by a preprocessing step, which does not know the file
+        except VolumetricError as error:
+            # raised by a preprocessing step, which does not know the file
             raise VolumetricError(f"{path}: {error}") from None
 
 

@@ -23,7 +23,7 @@ from types import TracebackType
 
 from torch.utils.tensorboard import SummaryWriter
 
-from volumetric.engine.plots import plot_learning_curves
+from volumetric.evaluation.plots import plot_learning_curves
 
 # metrics.csv column → TensorBoard tag
 EPOCH_TAGS = {

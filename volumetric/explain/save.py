@@ -15,10 +15,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from volumetric.atomic_files import atomic_write_bytes
 from volumetric.data.discovery import SCAN_SUFFIXES
 from volumetric.explain.montage import save_montage
 from volumetric.explain.relevance import RelevanceMap
-from volumetric.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

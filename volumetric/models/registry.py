@@ -2,35 +2,54 @@
 
     vit3d         VolumeTransformer (volumetric/models/vit3d.py), the softmax-free seq-norm ViT
     densenet121   MONAI's 3D DenseNet121, the usual CNN baseline for whole-volume classification;
-                  of the model section it uses in_channels and dropout, the ViT keys are ignored
+                  of the config's model section it takes in_channels and dropout
 
-Checkpoints store ``model_args`` with ``arch``; those written before ``arch`` existed are vit3d.
+A checkpoint stores ``arch`` and ``model_args``, the keyword arguments of that architecture's
+constructor here and nothing else, so ``ARCHITECTURES[arch](**model_args)`` rebuilds the model.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from volumetric.models.vit3d import VolumeTransformer
 
-ARCHITECTURES = ("vit3d", "densenet121")
+
+def densenet121(*, num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
+    """MONAI's 3D DenseNet121 with this package's argument names."""
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(
+        spatial_dims=3, in_channels=in_channels, out_channels=num_classes, dropout_prob=dropout
+    )
 
 
-def build_model(model_args: dict[str, Any]) -> nn.Module:
-    """Instantiate ``model_args["arch"]`` (default vit3d) with the other arguments; ValueError if unknown."""
-    args = dict(model_args)
-    arch = args.pop("arch", "vit3d")
-    if arch == "vit3d":
-        return VolumeTransformer(**args)
-    if arch == "densenet121":
-        from monai.networks.nets import DenseNet121
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "vit3d": VolumeTransformer,
+    "densenet121": densenet121,
+}
 
-        return DenseNet121(
-            spatial_dims=3,
-            in_channels=args.get("in_channels", 1),
-            out_channels=args["num_classes"],
-            dropout_prob=args.get("dropout", 0.0),
-        )
-    raise ValueError(f"arch={arch!r} is not one of {ARCHITECTURES}")
+
+def _check_arch(arch: str) -> Callable[..., nn.Module]:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch={arch!r} is not one of {tuple(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def model_arguments(arch: str, settings: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """The constructor arguments of ``arch`` from a config's model section (keys it does not take,
+    such as the ViT's for a CNN, are left out) plus ``num_classes``."""
+    accepted = inspect.signature(_check_arch(arch)).parameters
+    return {
+        "num_classes": num_classes,
+        **{k: v for k, v in settings.items() if k in accepted and k != "num_classes"},
+    }
+
+
+def build_model(arch: str, model_args: dict[str, Any]) -> nn.Module:
+    """Instantiate ``arch`` with ``model_args``; ValueError for an unknown architecture."""
+    return _check_arch(arch)(**model_args)

@@ -78,9 +78,8 @@ def classification_metrics(
     if len(y) == 0:
         return {"accuracy": math.nan, "balanced_accuracy": math.nan, "auroc": math.nan}
     predictions = p.argmax(axis=1)  # (N,)
-    with (
-        warnings.catch_warnings()
-    ):  # "y_pred contains classes not in y_true": those are left out, as intended
+    # "y_pred contains classes not in y_true": those are left out, as intended
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         balanced = float(balanced_accuracy_score(y, predictions))
     return {
@@ -109,9 +108,8 @@ def bootstrap_auroc(
     values = []
     if len(present) >= 2:
         for _ in range(resamples):
-            idx = rng.integers(
-                0, len(labels), size=len(labels)
-            )  # (N,) scans drawn with replacement
+            # (N,) scans drawn with replacement
+            idx = rng.integers(0, len(labels), size=len(labels))
             sample = labels[idx]  # (N,)
             if len(np.unique(sample)) == len(present):
                 values.append(macro_auroc(probs[idx], sample))

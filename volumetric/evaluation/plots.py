@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from volumetric.io import atomic_path
+from volumetric.atomic_files import atomic_path
 
 DPI = 120
 
@@ -109,9 +109,8 @@ def plot_roc(
 
 def plot_learning_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     """Rows of metrics.csv (epoch, train_loss, val_loss, val_accuracy, ...) → loss and validation PNG."""
-    figure = Figure(
-        figsize=(10.0, 4.0)
-    )  # fixed margins: redrawn every epoch, a layout engine costs more than the plot
+    # fixed margins: redrawn every epoch, a layout engine costs more than the plot
+    figure = Figure(figsize=(10.0, 4.0))
     loss_ax, metric_ax = figure.subplots(
         1, 2, gridspec_kw=dict(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
     )

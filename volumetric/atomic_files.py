@@ -39,9 +39,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(
-            tmp, 0o666 & ~_current_umask()
-        )  # mkstemp makes 0600; the result gets a normal file's mode
+        # mkstemp makes 0600; the result gets a normal file's mode
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb") as handle:  # on disk before the rename: a power cut leaves old or new
             os.fsync(handle.fileno())
         os.replace(tmp, path)

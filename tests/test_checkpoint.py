@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from volumetric.engine.checkpoint import (
+from volumetric.checkpoint import (
     FORMAT_VERSION,
     load_checkpoint,
     model_from_checkpoint,

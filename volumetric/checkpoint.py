@@ -1,0 +1,141 @@
+"""The checkpoint file: everything needed to rebuild a model and use it, loaded as untrusted input.
+
+Shared by training (writes), evaluation and inference (read). Format version 2:
+
+    format, format_version, volumetric_version
+    arch            the architecture's registered name (volumetric.models.registry)
+    model_args      that architecture's constructor arguments, exactly: ARCHITECTURES[arch](**model_args)
+    class_names     the output classes, in logit order
+    preprocessing   the data settings and patch size (volumetric.transforms.build_preprocessing)
+    config          the whole resolved config of the run
+    model           the weights (state_dict)
+    epoch, metrics  the epoch the weights are from and its row of metrics.csv
+    training        last.pt only: optimizer, schedule, scaler, history, ... (what --resume needs)
+
+best.pt holds no training state: inference and fine-tuning need the weights, not the optimizer.
+Loading uses ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+
+Older versions are upgraded when read, so every file ever written keeps loading and predicting
+the same: version 1 kept ``arch`` inside ``model_args`` (absent meant vit3d) and the training
+state at the top level of both files. A change to the format bumps ``FORMAT_VERSION`` and adds
+its step to ``_UPGRADES``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from volumetric import __version__
+from volumetric.atomic_files import atomic_torch_save
+from volumetric.errors import VolumetricError, first_line
+from volumetric.models.registry import build_model, model_arguments
+
+FORMAT = "volumetric-checkpoint"
+FORMAT_VERSION = 2
+REQUIRED = ("arch", "model_args", "class_names", "preprocessing", "model")
+_V1_TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "step", "history", "best_score")
+_V1_TRAINING_KEYS += ("best_epoch", "partial", "world_size")
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    model_args: dict[str, Any],
+    class_names: list[str],
+    preprocessing: dict[str, Any],
+    config: dict[str, Any],
+    arch: str = "vit3d",
+    epoch: int = 0,
+    metrics: dict[str, float] | None = None,
+    training: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint atomically; ``training`` (last.pt) adds what resuming needs."""
+    content = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "volumetric_version": __version__,
+        "arch": arch,
+        "model_args": model_args,
+        "class_names": list(class_names),
+        "preprocessing": preprocessing,
+        "config": config,
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "metrics": metrics or {},
+    }
+    if training is not None:
+        content["training"] = training
+    atomic_torch_save(content, Path(path))
+
+
+def _upgrade_v1(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 → 2: ``arch`` out of ``model_args`` (which keeps the constructor's arguments
+    only), training state under ``training`` (a best.pt of version 1 carried it too)."""
+    args = dict(checkpoint.get("model_args") or {})
+    arch = args.pop("arch", "vit3d")
+    if arch in ("vit3d", "densenet121"):  # the two architectures version 1 knew
+        args = model_arguments(arch, args, args.get("num_classes", 2))
+    checkpoint.update(arch=arch, model_args=args, format_version=2)
+    training = {key: checkpoint.pop(key) for key in _V1_TRAINING_KEYS if key in checkpoint}
+    if "optimizer" in training:
+        checkpoint["training"] = training
+    history = training.get("history") or []
+    epoch = checkpoint.get("epoch", 0)
+    checkpoint["metrics"] = history[epoch - 1] if 0 < epoch <= len(history) else {}
+    return checkpoint
+
+
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_v1}
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read, check and upgrade a checkpoint to the current version; any problem is a
+    VolumetricError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolumetricError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise VolumetricError(
+            f"{path}: refused to load checkpoint: it is not a plain weights file "
+            f"({first_line(error, 'unsupported content')})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise VolumetricError(
+            f"{path}: not a readable checkpoint ({type(error).__name__}: {error})"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise VolumetricError(f"{path}: not a volumetric checkpoint")
+    version = checkpoint.get("format_version")
+    while version in _UPGRADES:
+        checkpoint = _UPGRADES[version](checkpoint)
+        version = checkpoint["format_version"]
+    if version != FORMAT_VERSION:
+        raise VolumetricError(
+            f"{path}: checkpoint format version {checkpoint.get('format_version')} is not supported "
+            f"(this volumetric {__version__} reads versions 1 to {FORMAT_VERSION})"
+        )
+    for key in REQUIRED:
+        if key not in checkpoint:
+            raise VolumetricError(f"{path}: checkpoint lacks {key!r}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild the model with its saved arguments and weights (eval mode, on the CPU)."""
+    try:
+        model = build_model(checkpoint["arch"], checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise VolumetricError(
+            f"{path}: weights do not fit the model it describes ({first_line(error)})"
+        ) from None
+    return model.eval()

@@ -1,0 +1,256 @@
+"""Setting up a training run: classes and split, data sets and loaders, model and optimizer.
+
+`set_up` gathers in one `Run` everything the loop in train.py works with, built in an order
+that keeps the random streams fixed: the global RNG is seeded, and nothing draws from it before
+the model's weights are initialized, so the same seed gives the same initial model whatever the
+data set, cache or number of workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from volumetric.config import Config
+from volumetric.data.dataset import ScanDataset
+from volumetric.data.discovery import class_indices
+from volumetric.data.sampler import EpochSampler, strided_shard
+from volumetric.data.split import stratified_split
+from volumetric.device import autocast, autocast_dtype
+from volumetric.engine.distributed import World
+from volumetric.engine.schedule import warmup_cosine
+from volumetric.errors import VolumetricError
+from volumetric.models.registry import build_model, model_arguments
+from volumetric.transforms import build_augmentation, build_preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One process's part of a training run: settings, data, model and optimization."""
+
+    config: Config
+    world: World
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None: float32
+    output_dir: Path
+    class_names: list[str]
+    arch: str
+    model_args: dict[str, Any]
+    train_set: ScanDataset
+    val_set: ScanDataset
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    model: nn.Module  # what is saved and validated
+    train_model: nn.Module  # what the training step calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def last_path(self) -> Path:
+        return self.output_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.output_dir / "best.pt"
+
+    @property
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What every checkpoint of the run carries besides the weights (volumetric/checkpoint.py)."""
+        return dict(
+            arch=self.arch,
+            model_args=self.model_args,
+            class_names=self.class_names,
+            preprocessing=preprocessing_settings(self.config),
+            config=self.config.to_dict(),
+        )
+
+    def batches_remaining(self) -> int:
+        """This process's batches from the sampler's current start to the end of the epoch."""
+        return math.ceil(len(self.sampler) / self.config.train.batch_size)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)
+
+
+def preprocessing_settings(config: Config) -> dict[str, Any]:
+    """What a checkpoint must carry to preprocess a scan exactly as in training."""
+    return {**asdict(config.data), "patch_size": config.model.patch_size}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_up(
+    config: Config,
+    train_items: list[tuple[Path, str]],
+    val_items: list[tuple[Path, str]] | None,
+    output_dir: Path,
+    world: World,
+    device: torch.device,
+    *,
+    resume: bool,
+) -> Run:
+    """Check the run folder and the data, then build data sets, loaders, model and optimizer."""
+    _check_run_folder(output_dir, resume)
+    class_names, train_pairs, val_pairs = split_data(config, train_items, val_items)
+    seed_everything(config.train.seed)
+    data = _data(config, train_pairs, val_pairs, world, device)
+    arch = config.model.arch
+    model_args = model_arguments(arch, asdict(config.model), len(class_names))
+    model = build_model(arch, model_args).to(device)  # the first draw from the seeded global RNG
+    steps_per_epoch = math.ceil(
+        math.ceil(len(data["sampler"]) / config.train.batch_size) / config.train.grad_accum_steps
+    )
+    dtype = autocast_dtype(device, config.train.precision)
+    return Run(
+        config=config,
+        world=world,
+        device=device,
+        dtype=dtype,
+        output_dir=output_dir,
+        class_names=class_names,
+        arch=arch,
+        model_args=model_args,
+        model=model,
+        train_model=model,  # wrapped by `distribute` once the weights are final
+        steps_per_epoch=steps_per_epoch,
+        total_steps=config.train.epochs * steps_per_epoch,
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing),
+        **data,
+        **_optimization(model, config, steps_per_epoch, device, dtype),
+    )
+
+
+def distribute(run: Run) -> None:
+    """Under torchrun, train through DistributedDataParallel. Called after a resume has loaded
+    last.pt: DDP starts every process from rank 0's weights."""
+    if run.world.distributed:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        run.train_model = DistributedDataParallel(run.model, device_ids=device_ids)
+
+
+def _check_run_folder(output_dir: Path, resume: bool) -> None:
+    last = output_dir / "last.pt"
+    if last.exists() and not resume:
+        raise VolumetricError(
+            f"{output_dir} already holds a run (last.pt); pass --resume or choose another --output-dir"
+        )
+    if resume and not last.exists():
+        raise VolumetricError(f"{last}: nothing to resume")
+
+
+def split_data(
+    config: Config, train_items: list[tuple[Path, str]], val_items: list[tuple[Path, str]] | None
+) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """Class names (sorted), training and validation (path, class index) pairs; without
+    ``val_items``, a seeded stratified split of the training items."""
+    t = config.train
+    class_names = sorted({label for _, label in train_items})
+    if len(class_names) < 2:
+        raise VolumetricError(
+            f"training data has {len(class_names)} class ({class_names}); at least 2 are needed"
+        )
+    train_pairs = class_indices(train_items, class_names, "training data")
+    if val_items is not None:
+        val_pairs = class_indices(val_items, class_names, "validation data")
+    else:
+        train_idx, val_idx = stratified_split([y for _, y in train_pairs], t.val_fraction, t.seed)
+        val_pairs = [train_pairs[i] for i in val_idx]
+        train_pairs = [train_pairs[i] for i in train_idx]
+    if config.data.target_shape is None and t.batch_size > 1:
+        raise VolumetricError(
+            "train.batch_size must be 1 when data.target_shape is empty (each scan keeps its own "
+            "size); set data.target_shape to batch scans"
+        )
+    log.info(
+        "classes %s: %d training and %d validation scans",
+        class_names,
+        len(train_pairs),
+        len(val_pairs),
+    )
+    return class_names, train_pairs, val_pairs
+
+
+def _data(
+    config: Config,
+    train_pairs: list[tuple[Path, int]],
+    val_pairs: list[tuple[Path, int]],
+    world: World,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Data sets, the training sampler and both loaders (as `Run` fields)."""
+    t, channels = config.train, config.model.in_channels
+    preprocess = build_preprocessing(asdict(config.data), config.model.patch_size)
+    augment = build_augmentation(config.augment)
+    train_set = ScanDataset(
+        train_pairs, preprocess, augment=augment, cache=t.cache, in_channels=channels
+    )
+    val_set = ScanDataset(val_pairs, preprocess, cache=t.cache, in_channels=channels)
+    loader_args = dict(
+        batch_size=t.batch_size,
+        num_workers=t.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=t.num_workers > 0,
+    )
+    # every process draws the same permutation per epoch and takes its own shard of it
+    sampler = EpochSampler(len(train_set), t.seed, num_replicas=world.size, rank=world.rank)
+    # loaders draw their workers' base seeds from their own generators, not from the global RNG
+    # that augmentation uses, so that creating an iterator does not shift a resumed run
+    train_gen = torch.Generator().manual_seed(t.seed)
+    val_order = strided_shard(len(val_set), world.rank, world.size)
+    return dict(
+        train_set=train_set,
+        val_set=val_set,
+        sampler=sampler,
+        train_loader=DataLoader(train_set, sampler=sampler, generator=train_gen, **loader_args),
+        val_loader=DataLoader(
+            val_set, sampler=val_order, generator=torch.Generator(), **loader_args
+        ),
+    )
+
+
+def _optimization(
+    model: nn.Module,
+    config: Config,
+    steps_per_epoch: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """AdamW (no weight decay on biases and norm weights), warm-up + cosine schedule, fp16 scaler."""
+    t = config.train
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and norm weights
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr)
+    total_steps = t.epochs * steps_per_epoch
+    warmup_steps = max(1, round(t.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps),
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
