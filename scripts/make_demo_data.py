@@ -139,9 +139,8 @@ def add_lesion(
     rotation = random_rotation(rng, 180.0)
     half = int(np.ceil(radii.max())) + 2
     offsets = np.stack(np.meshgrid(*[np.arange(-half, half + 1)] * 3, indexing="ij"), axis=-1)
-    distance = np.sqrt(
-        (((offsets @ rotation) / radii) ** 2).sum(axis=-1)
-    )  # 1 on the ellipsoid surface
+    # 1 on the ellipsoid surface
+    distance = np.sqrt((((offsets @ rotation) / radii) ** 2).sum(axis=-1))
     # Candidate centres: where the whole ellipsoid (and a voxel of margin) lies inside the tissue mask.
     footprint = distance <= 1.0 + 1.0 / radii.min()
     inside = ndimage.binary_erosion(template["tissue"], structure=footprint, border_value=0)
@@ -252,9 +251,8 @@ def build_dataset(
         )
     started = time.perf_counter()
     template = load_template(spacing)
-    tmp = (
-        output.parent / f".{output.name}.partial"
-    )  # fixed name: a killed run's leftovers are cleared next time
+    # fixed name: a killed run's leftovers are cleared next time
+    tmp = output.parent / f".{output.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         rows = []
@@ -285,9 +283,8 @@ def build_dataset(
                 log.info("%d/%d volumes", index + 1, n_train + n_test)
         with (tmp / "manifest.csv").open("w", newline="") as handle:
             csv.writer(handle).writerows([MANIFEST_COLUMNS, *rows])
-        (tmp / ".demo_args.json").write_text(
-            json.dumps(args, indent=2) + "\n"
-        )  # last: marks the set complete
+        # last: marks the set complete
+        (tmp / ".demo_args.json").write_text(json.dumps(args, indent=2) + "\n")
         if output.exists():  # move the old set aside first, so `output` is never a mix of both
             old = output.parent / f".{output.name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -332,9 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     if args.n_train < 2 or args.n_test < 2 or args.seed < 0 or not 1.0 <= args.spacing <= 8.0:
-        parser.error(
-            "need --n-train >= 2, --n-test >= 2, --seed >= 0 and 1 <= --spacing <= 8"
-        )  # exits with 2
+        # parser.error exits with 2
+        parser.error("need --n-train >= 2, --n-test >= 2, --seed >= 0 and 1 <= --spacing <= 8")
     try:
         build_dataset(args.output, args.n_train, args.n_test, args.seed, args.spacing, args.force)
     except (UserError, OSError, ValueError) as error:

@@ -2,7 +2,8 @@
 
 On a CPU, float32 is the fast path (bfloat16 matmuls are far slower there), so ``precision: auto``
 means float32 on CPU and bf16 (or fp16 where bf16 is unsupported) autocast on CUDA. The seq-norm
-attention keeps its statistics and reductions in float32 under any autocast.
+attention keeps its statistics and reductions in float32 under any autocast
+(docs/method.md#mixed-precision).
 """
 
 from __future__ import annotations
@@ -64,13 +65,12 @@ def keep_cpu_memory_for_reuse() -> bool:
     """Make glibc keep freed memory for reuse, as PyTorch's CUDA caching allocator does on the GPU.
 
     By default glibc serves every allocation above 32 MiB with a fresh mmap and returns it on free,
-    so each (N, C) activation of a long token sequence is page-faulted in anew: measured here, a
-    256³ training step spends about 40% of its time there (7.9 s → 4.7 s with reuse). The price is
-    fragmentation: freed blocks are not handed back, and the heap can grow past the live set
-    (measured: 5.5 vs 3.7 GiB at 256³; 13.5 vs 5.1 GiB at 512³ with checkpointing). So training
-    turns it on only when the model runs without checkpointing and memory-lean blocks, the
-    settings chosen for speed rather than size. ``VOLUMETRIC_CPU_ALLOCATOR=system`` keeps glibc's
-    defaults always; ``=reuse`` forces reuse. Returns whether it applied.
+    so each (N, C) activation of a long token sequence is page-faulted in anew, every step: a large
+    share of a step's time at whole-volume sizes. The price of reuse is fragmentation: freed blocks
+    are not handed back, and the heap can grow well past the live set. So training turns it on only
+    when the model runs without checkpointing and memory-lean blocks, the settings chosen for speed
+    rather than size. ``VOLUMETRIC_CPU_ALLOCATOR=system`` keeps glibc's defaults always; ``=reuse``
+    forces reuse. Returns whether it applied. (Measured: docs/method.md#the-cpu-allocator.)
     """
     import ctypes
     import os

@@ -61,9 +61,8 @@ def model_flops(
     hidden = int(dim * mlp_ratio)
     linear = 2 * tokens * (3 * dim * dim + dim * dim + 2 * dim * hidden)  # qkv, proj, fc1, fc2
     d = dim // num_heads
-    attn = (
-        2 * 2 * tokens * (tokens if attention == "softmax" else d) * dim
-    )  # two matmuls over all heads
+    # two matmuls over all heads
+    attn = 2 * 2 * tokens * (tokens if attention == "softmax" else d) * dim
     embed = 2 * tokens * patch_voxels * in_channels * dim
     return 3.0 * (depth * (linear + attn) + embed)
 
@@ -144,9 +143,8 @@ def _train_step_case(
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
-        logits = (
-            logits[0] if isinstance(logits, tuple) else logits
-        )  # MONAI returns (logits, hidden states)
+        # MONAI returns (logits, hidden states)
+        logits = logits[0] if isinstance(logits, tuple) else logits
         nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
 

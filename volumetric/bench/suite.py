@@ -1,4 +1,4 @@
-"""The benchmark suite: which cases run, in which order, and the ratios the issue targets.
+"""The benchmark suite: which cases run, in which order, and the targets the project set itself.
 
 a. attention forward+backward over N tokens: seqnorm, its unfused form, the bare Q(KᵀV),
    softmax through SDPA and softmax with the N×N matrix
@@ -174,7 +174,8 @@ def _find(results: list[Result], **match: Any) -> Result | None:
 def ratios(
     results: dict[str, list[Result]], s: SuiteSettings
 ) -> list[tuple[str, float | None, str]]:
-    """(description, measured value, target) for each target of the issue, at the sizes this run reached."""
+    """(description, measured value, target) for each of the project's targets, at the sizes this
+    run reached (the targets are listed in docs/benchmarks.md)."""
     out: list[tuple[str, float | None, str]] = []
     att = results["attention"]
     sn, sdpa = (

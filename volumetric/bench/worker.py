@@ -53,9 +53,8 @@ def measure(spec: dict, *, min_reps: int = 3, max_reps: int = 10, budget_s: floa
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    if spec.get(
-        "single"
-    ):  # a scale case: one step, first-call costs included; the peak is what matters
+    # a scale case: one step, first-call costs included; the peak is what matters
+    if spec.get("single"):
         reset = _reset_peak_rss()
         seconds = timed()
         peak = (

@@ -195,9 +195,8 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device))
     counts = [int(s.item()) for s in sizes]
     longest = max(counts)
-    padded = torch.zeros(
-        (longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device
-    )  # (max n_r, *rest)
+    # (max n_r, *rest)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
     padded[: tensor.shape[0]] = tensor.to(device)
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)

@@ -17,7 +17,7 @@ import torch
 import torchio as tio
 from matplotlib.figure import Figure
 
-from volumetric.io import atomic_path
+from volumetric.atomic_files import atomic_path
 
 SHOWN_ABOVE = 0.1
 """Map values below this fraction of the map's maximum are not coloured (the scan shows through)."""
@@ -57,7 +57,7 @@ def save_montage(
     x = ("L → R (mm)", nx * sx, (i + 0.5) * sx)  # (label, extent, crosshair) of each RAS axis
     y = ("P → A (mm)", ny * sy, (j + 0.5) * sy)
     z = ("I → S (mm)", nz * sz, (k + 0.5) * sz)
-    panels = [  # (title, scan slice, map slice, horizontal axis, vertical axis): axis = (label, extent, crosshair)
+    panels = [  # (title, scan slice, map slice, horizontal axis, vertical axis)
         ("sagittal", scan[i], relevance[i], y, z),
         ("coronal", scan[:, j], relevance[:, j], x, z),
         ("axial", scan[:, :, k], relevance[:, :, k], x, y),
@@ -66,12 +66,8 @@ def save_montage(
     axes = figure.subplots(1, 3)
     shown = None
     for ax, (name, grey, colour, (xlabel, width, cx), (ylabel, height, cy)) in zip(axes, panels):
-        extent = (
-            0,
-            width,
-            0,
-            height,
-        )  # rows of the transposed slice run along the vertical axis, upward
+        # rows of the transposed slice run along the vertical axis, upward
+        extent = (0, width, 0, height)
         ax.imshow(
             grey.T,
             cmap="gray",

@@ -13,9 +13,8 @@ token (x − x⁰). The default M = 16 averages the gradient along the straight 
 at the midpoints α_k = (k − ½)/M (integrated gradients, Sundararajan et al. 2017). A single
 gradient is unreliable here because every block normalizes its tokens (LayerNorm): scaling a
 token barely changes the output, so x · ∂y/∂x is close to zero, and of either sign, precisely
-for the strong tokens of a confident prediction. On 70 synthetic scans with a planted cube (two
-tiny max-pool models, accuracy 1.0), the single gradient put the most relevant token outside the
-cube in 4 (zero tokens as reference) to 7 (empty-scan tokens) cases, the path average in none.
+for the strong tokens of a confident prediction; the path average does not have that blind spot
+(measured on synthetic scans: docs/results.md#relevance-maps-one-gradient-against-the-path).
 With the path, Σ_n s_n ≈ y(x) − y(x⁰): the shares split the logit's rise from the empty scan
 among the tokens (exactly as M grows, for a smooth model; max pooling converges slower).
 
@@ -57,9 +56,8 @@ from volumetric.models.vit3d import VolumeTransformer
 class RelevanceMap:
     """A relevance map on the input scan's grid, with the scan for display."""
 
-    data: (
-        np.ndarray
-    )  # (W0, H0, D0) float32 on the file's voxel grid, >= 0, 0 outside the field of view
+    # (W0, H0, D0) float32 on the file's voxel grid, >= 0, 0 outside the field of view
+    data: np.ndarray
     affine: np.ndarray  # (4, 4) RAS affine of the input scan, as read from the file
     scan: np.ndarray  # (W0, H0, D0) float32, the first channel of the scan as read from the file
     target: int  # the explained class
@@ -91,9 +89,8 @@ def token_shares(
     grid = model.patch_embed.grid(volume.shape[2:])  # (w, h, d)
     with torch.no_grad():
         tokens = model.embed(volume)  # (1, N, C)
-        reference = model.embed(
-            torch.zeros_like(volume)
-        )  # (1, N, C): conv bias + position embedding
+        # (1, N, C): conv bias + position embedding
+        reference = model.embed(torch.zeros_like(volume))
         logits = model.forward_head(model.forward_blocks(tokens))  # (1, num_classes)
     if target is None:
         target = int(logits[0].argmax())
@@ -103,9 +100,8 @@ def token_shares(
     gradient = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)  # (1, N, C)
     with torch.enable_grad():
         for k in range(1, steps + 1):
-            alpha = (
-                1.0 if steps == 1 else (k - 0.5) / steps
-            )  # plain gradient × input, or the path's midpoints
+            # plain gradient × input, or the path's midpoints
+            alpha = 1.0 if steps == 1 else (k - 0.5) / steps
             point = (reference + alpha * delta).requires_grad_(True)  # (1, N, C)
             (grad,) = torch.autograd.grad(
                 model.forward_head(model.forward_blocks(point))[0, target], point

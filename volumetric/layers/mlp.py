@@ -1,11 +1,11 @@
 """Token-wise feed-forward network, with a memory-lean path for very long sequences.
 
-The MLP's hidden activations are the widest tensors of a block: (N, 4C) before and after the GELU,
-8 GiB each at a million tokens of width 256. With ``memory_lean=True`` the MLP runs over chunks
-of tokens and keeps only its input for backward; backward recomputes each chunk's hidden layer
-while it is still in cache. That costs one extra fc1 matmul (+11% of a block's FLOPs) and saves
-2 × (N, 4C) activations. Dropout is not applied on that path: with dropout > 0 in training the
-plain path runs instead.
+The MLP's hidden activations are the widest tensors of a block: (N, 4C) before and after the
+GELU, 4 GiB each in float32 at 2²⁰ tokens of width 256. With ``memory_lean=True`` the MLP runs
+over chunks of tokens and keeps only its input for backward; backward recomputes each chunk's
+hidden layer while it is still in cache. That costs one extra fc1 matmul (+11% of a block's
+FLOPs) and saves 2 × (N, 4C) activations. Dropout is not applied on that path: with dropout > 0
+in training the plain path runs instead.
 """
 
 from __future__ import annotations
@@ -76,8 +76,7 @@ class Mlp(nn.Module):
                 for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
             ]
             with torch.autocast(device_type=device, enabled=False):
-                out = _ChunkedMlpFn.apply(
-                    x.reshape(-1, x.shape[-1]).to(dtype), *params, CHUNK_TOKENS
-                )  # (B·N, C)
+                rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (B·N, C)
+                out = _ChunkedMlpFn.apply(rows, *params, CHUNK_TOKENS)  # (B·N, C)
             return out.view(x.shape)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))  # (B, N, C)
