@@ -97,3 +97,50 @@ def test_unreadable_checkpoint(content, tmp_path):
     path.write_bytes(content)
     with pytest.raises(VolumetricError, match="broken.pt"):
         load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------- format versions
+
+V1 = Path(__file__).parent / "fixtures" / "checkpoint_v1"
+
+
+def test_version_1_file_is_upgraded_when_read():
+    """A best.pt written by format version 1 (tests/fixtures/checkpoint_v1/README.md): arch moves
+    out of model_args, the optimizer state it carried moves under 'training'."""
+    raw = torch.load(V1 / "best.pt", weights_only=True)
+    assert raw["format_version"] == 1 and "optimizer" in raw  # what the fixture really holds
+    state = load_checkpoint(V1 / "best.pt")
+    assert state["format_version"] == FORMAT_VERSION == 2
+    assert state["arch"] == "vit3d" and "arch" not in state["model_args"]
+    assert "optimizer" not in state and "optimizer" in state["training"]
+    VolumeTransformer(**state["model_args"])  # exactly the constructor's arguments
+    assert state["metrics"]["epoch"] == state["epoch"]
+
+
+@pytest.mark.parametrize("tta", [0, 2])
+def test_version_1_file_predicts_as_it_did(tta):
+    """The probabilities recorded when the fixture was made, with and without TTA."""
+    import json
+
+    from volumetric.inference import Predictor
+
+    expected = json.loads((V1 / "expected.json").read_text())
+    predictor = Predictor(V1 / "best.pt", device="cpu", tta=tta, seed=3)
+    for name in ("lesion.nii.gz", "healthy.nii.gz"):
+        result = predictor(V1 / name)
+        want = expected[f"{name}|tta={tta}"]
+        assert result.probs == want["probs"]  # identical, not merely close
+        assert result.probs_std == want["probs_std"]
+
+
+def test_best_holds_no_optimizer_and_last_resumes(tmp_path):
+    """best.pt: weights and what inference needs; last.pt: plus the training state."""
+    model = VolumeTransformer(**MODEL_ARGS)
+    meta = dict(model_args=MODEL_ARGS, class_names=["a", "b"], preprocessing={"patch_size": 4})
+    save_checkpoint(tmp_path / "best.pt", model=model, config={}, epoch=3, **meta)
+    training = {"optimizer": {"state": {}, "param_groups": []}, "step": 7}
+    save_checkpoint(tmp_path / "last.pt", model=model, config={}, epoch=3, training=training, **meta)
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert "training" not in best and "optimizer" not in best
+    assert last["training"]["step"] == 7 and best["epoch"] == last["epoch"] == 3
+

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from volumetric.config import Config, apply_overrides, config_from_dict, load_config, save_config
-from volumetric.errors import VolumetricError
+from volumetric.errors import ConfigError, VolumetricError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -261,3 +261,39 @@ def test_model_section_is_validated(raw, key):
     CLI does not catch either, see test_cli.py::test_error_bad_model_argument_is_one_line)."""
     with pytest.raises(VolumetricError, match=f"model.{key}"):
         config_from_dict(raw)
+
+
+def test_several_files_merge_in_order(tmp_path):
+    """Base, then data set, then experiment: a later file sets only what it changes; the augment
+    list is one pipeline and is replaced whole; overrides come last."""
+    base = write_yaml(
+        tmp_path / "base.yaml",
+        {
+            "model": {"embed_dim": 96, "num_heads": 4},
+            "augment": [{"RandomFlip": {"axes": [0]}}, {"RandomNoise": {}}],
+            "train": {"epochs": 50, "lr": 1e-3},
+        },
+    )
+    data = write_yaml(tmp_path / "ct.yaml", {"data": {"intensity": "ct", "spacing": 1.5}})
+    experiment = write_yaml(
+        tmp_path / "exp.yaml",
+        {"train": {"epochs": 5}, "augment": [{"RandomAffine": {"degrees": 5}}]},
+    )
+    config = load_config([base, data, experiment], ["--train.lr=2e-4"])
+    assert (config.model.embed_dim, config.model.num_heads) == (96, 4)
+    assert (config.data.intensity, config.data.spacing) == ("ct", 1.5)
+    assert (config.train.epochs, config.train.lr) == (5, 2e-4)
+    assert config.augment == [{"RandomAffine": {"degrees": 5}}]
+    # the order matters: the experiment first, then the base, gives the base's epochs
+    assert load_config([experiment, base]).train.epochs == 50
+    # one path, as before, and none: the defaults
+    assert load_config(base).train.epochs == 50 and load_config([]) == Config()
+
+
+def test_a_later_file_is_checked_like_the_first(tmp_path):
+    base = write_yaml(tmp_path / "base.yaml", {"train": {"epochs": 3}})
+    bad = write_yaml(tmp_path / "bad.yaml", {"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="unknown config key train.epoch"):
+        load_config([base, bad])
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config([base, tmp_path / "missing.yaml"])
