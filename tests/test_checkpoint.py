@@ -139,8 +139,9 @@ def test_best_holds_no_optimizer_and_last_resumes(tmp_path):
     meta = dict(model_args=MODEL_ARGS, class_names=["a", "b"], preprocessing={"patch_size": 4})
     save_checkpoint(tmp_path / "best.pt", model=model, config={}, epoch=3, **meta)
     training = {"optimizer": {"state": {}, "param_groups": []}, "step": 7}
-    save_checkpoint(tmp_path / "last.pt", model=model, config={}, epoch=3, training=training, **meta)
+    save_checkpoint(
+        tmp_path / "last.pt", model=model, config={}, epoch=3, training=training, **meta
+    )
     best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
     assert "training" not in best and "optimizer" not in best
     assert last["training"]["step"] == 7 and best["epoch"] == last["epoch"] == 3
-
