@@ -1,13 +1,48 @@
-"""Shared fixtures: tiny NIfTI data sets written into temporary folders."""
+"""Shared fixtures and helpers: tiny NIfTI data sets written into temporary folders, the tiny training
+config and the command-line helpers the end-to-end tests share (import them with
+``from conftest import ...``).
+
+Tests that take more than ~8 s each are marked ``slow`` (registered in setup.cfg). Everything runs by
+default (``./scripts/test.sh``, CI); skip the slow ones while iterating with
+
+    python -m pytest -m "not slow"        # or: ./scripts/test.sh -m "not slow"
+"""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
+
+TINY_CONFIG = {
+    "model": {"patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2},
+    "data": {"spacing": 1.5, "target_shape": [16, 16, 16]},
+    "augment": [{"RandomFlip": {"axes": [0]}}],
+    "train": {"epochs": 2, "batch_size": 4, "device": "cpu"},
+}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Three classes, two scans each (rows sum to 1). One-vs-rest AUROC: class a 1 (perfect), class b 7/8
+# (0.4 < 0.5 of a c scan), class c 7.5/8 (0.3 ties with a b scan) → macro (1 + 7/8 + 15/16) / 3 = 15/16.
+#   predictions a a b b c b → confusion [[2, 0, 0], [0, 2, 0], [0, 1, 1]]
+THREE_LABELS = [0, 0, 1, 1, 2, 2]
+THREE_PROBS = [
+    [0.8, 0.1, 0.1],
+    [0.6, 0.3, 0.1],
+    [0.1, 0.7, 0.2],
+    [0.3, 0.4, 0.3],
+    [0.1, 0.2, 0.7],
+    [0.2, 0.5, 0.3],
+]
+
+
+# ---------------------------------------------------------------------------------------------- data
 
 
 def write_scan(path: Path, data: np.ndarray, spacing=(1.5, 1.5, 2.0)) -> Path:
@@ -39,6 +74,65 @@ def make_tiny_dataset(root: Path) -> Path:
     return root
 
 
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def write_config(path: Path, config: dict = TINY_CONFIG) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def train(data: Path, run: Path, config: Path | None, *extra: str) -> int:
+    """volumetric-train in-process: the exit status. (Imported here, so that a broken CLI fails the
+    tests that train, not the collection of every test.)"""
+    from volumetric.cli import train_main
+
+    args = [str(data), "--output-dir", str(run), "--no-progress", *extra]
+    return train_main(args + (["--config", str(config)] if config else []))
+
+
+def assert_one_line_error(capsys, prog: str, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_png(path: Path, min_bytes: int = 5_000) -> None:
+    """A complete, decodable PNG with something drawn on it, and no temporary file left beside it."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert len(data) > min_bytes, (path, len(data))
+    with Image.open(path) as image:
+        image.load()
+        assert image.width >= 300 and image.height >= 300
+        assert len(np.unique(np.asarray(image.convert("L")))) > 10  # not a blank canvas
+    assert not list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     """root/<class>/*.nii[.gz]: 10 scans per class, 20×18×16 voxels, spacing 1.5×1.5×2 mm."""
@@ -49,6 +143,17 @@ def tiny_dataset(tmp_path: Path) -> Path:
 def tiny_dataset_shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same data set as ``tiny_dataset``, written once per session for tests that only read it."""
     return make_tiny_dataset(tmp_path_factory.mktemp("shared") / "data")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset_shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished 2-epoch run of ``TINY_CONFIG`` on ``tiny_dataset_shared`` (4 optimizer steps per
+    epoch), trained once per session and shared by the tests that only read it: copy it before
+    changing it."""
+    root = tmp_path_factory.mktemp("run")
+    run = root / "run"
+    assert train(tiny_dataset_shared, run, write_config(root / "tiny.yaml")) == 0
+    return run
 
 
 @pytest.fixture(autouse=True)

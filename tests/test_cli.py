@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -12,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_scan
+from conftest import (
+    assert_one_line_error,
+    assert_same_weights,
+    read_csv,
+    train,
+    weights,
+    write_config,
+    write_scan,
+)
 
 import volumetric.engine.train as train_module
 from volumetric.checkpoint import load_checkpoint, save_checkpoint
@@ -34,59 +41,6 @@ METRIC_HEADER = [
     "seconds",
 ]
 PREDICTION_HEADER = ["path", "prediction", "prob_healthy", "prob_lesion", "error"]
-TINY_CONFIG = {
-    "model": {"patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2},
-    "data": {"spacing": 1.5, "target_shape": [16, 16, 16]},
-    "augment": [{"RandomFlip": {"axes": [0]}}],
-    "train": {"epochs": 2, "batch_size": 4, "device": "cpu"},
-}
-
-
-def write_config(path: Path, config: dict = TINY_CONFIG) -> Path:
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
-
-
-def train(data: Path, run: Path, config: Path | None, *extra: str) -> int:
-    args = [str(data), "--output-dir", str(run), "--no-progress", *extra]
-    return train_main(args + (["--config", str(config)] if config else []))
-
-
-def assert_one_line_error(capsys, prog: str, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith(f"{prog}: error: "), lines[0]
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_dataset_shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One finished 2-epoch run, shared by the tests that only read it (copy it before changing it)."""
-    root = tmp_path_factory.mktemp("run")
-    run = root / "run"
-    assert train(tiny_dataset_shared, run, write_config(root / "tiny.yaml")) == 0
-    return run
-
 
 # ---------------------------------------------------------------------------------------------- train
 

@@ -297,6 +297,32 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------------------------- export
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser(
+        "volumetric-export",
+        "Export a checkpoint's model to run outside this package (ONNX, or torch.export .pt2), "
+        "with its preprocessing as JSON and a reference input/tensor pair beside it.",
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
+    parser.add_argument("--format", choices=("onnx", "pt2"), required=True, dest="fmt")
+    parser.add_argument("--output", required=True, help="the model file: NAME.onnx or NAME.pt2")
+    parser.add_argument("--opset", type=int, help="ONNX opset, 18 to 23 (default 20)")
+    return _run(argv, parser, _export)
+
+
+def _export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.export import export_model
+
+    written = export_model(args.checkpoint, args.output, fmt=args.fmt, opset=args.opset)
+    print(f"wrote {written[0]}")
+    for path in written[1:]:
+        print(f"  and {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ bench
 
 

@@ -20,8 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_scan
-from test_cli import assert_one_line_error, read_csv, train, write_config
+from conftest import assert_one_line_error, read_csv, train, write_config, write_scan
 
 from volumetric.cli import evaluate_main, infer_main
 
@@ -106,11 +105,9 @@ def bad_scan(request, tmp_path) -> tuple[Path, str]:
     return make(tmp_path / "bad" / "lesion" / "bad.nii.gz"), fragment
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(tiny_dataset_shared, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad-inputs")
-    assert train(tiny_dataset_shared, root / "run", write_config(root / "tiny.yaml")) == 0
-    return root / "run" / "last.pt"
+@pytest.fixture
+def trained_checkpoint(trained_run) -> Path:
+    return trained_run / "last.pt"
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

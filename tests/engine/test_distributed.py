@@ -195,6 +195,7 @@ def test_helpers_without_torchrun_change_nothing(monkeypatch):
 # ------------------------------------------------------------------------------------------------ two processes
 
 
+@pytest.mark.slow  # `ddp_run`: a two-process torchrun run
 def test_two_processes_write_one_run_folder(ddp_run):
     run, done = ddp_run
     names = {p.name for p in run.iterdir()}
@@ -215,6 +216,7 @@ def test_two_processes_write_one_run_folder(ddp_run):
     )
 
 
+@pytest.mark.slow  # `ddp_run`: a two-process torchrun run
 def test_checkpoint_is_plain_and_infers(ddp_run, data, tmp_path):
     run, _ = ddp_run
     for name in ("best.pt", "last.pt"):
@@ -232,6 +234,7 @@ def test_checkpoint_is_plain_and_infers(ddp_run, data, tmp_path):
     assert len(output.read_text().strip().splitlines()) == 1 + 5
 
 
+@pytest.mark.slow  # `ddp_run`: a two-process torchrun run
 def test_validation_covers_the_whole_set_once(ddp_run, data, tmp_path):
     """The epoch-2 validation metrics, gathered from the two shards (3 + 2 scans), equal volumetric.evaluation.evaluate
     on the validation folder with the weights saved after epoch 2: a scan counted twice, or missed, would show."""
@@ -246,6 +249,7 @@ def test_validation_covers_the_whole_set_once(ddp_run, data, tmp_path):
         assert float(last[f"val_{key}"]) == pytest.approx(metrics[key], abs=1e-6), key
 
 
+@pytest.mark.slow  # `ddp_run`: a two-process torchrun run
 def test_signal_to_one_process_stops_both_and_resume_is_exact(ddp_run, data, tmp_path):
     """SIGTERM reaches rank 1 alone, in epoch 2: both processes stop after the same optimizer step, rank 0 saves
     a mid-epoch last.pt, and resuming on 2 processes (the console script given to torchrun as a path) reaches
@@ -285,6 +289,7 @@ def test_signal_to_one_process_stops_both_and_resume_is_exact(ddp_run, data, tmp
     ]
 
 
+@pytest.mark.slow
 def test_nan_on_one_process_stops_both(data, tmp_path):
     script = tmp_path / "faulty_train.py"
     script.write_text(FAULTY_TRAIN)
@@ -299,6 +304,7 @@ def test_nan_on_one_process_stops_both(data, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1  # the last good state
 
 
+@pytest.mark.slow  # `ddp_run`: a two-process torchrun run
 def test_resume_on_one_process(ddp_run, data, tmp_path):
     """A 2-process run continues in a single process: one more epoch, schedule placed by the share done."""
     run = tmp_path / "run"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, assert_same_weights, train, weights, write_config
+from conftest import assert_one_line_error, assert_same_weights, train, weights, write_config
 
 from volumetric.atomic_files import atomic_path, atomic_write_text
 from volumetric.checkpoint import load_checkpoint
@@ -72,6 +72,7 @@ def reference(tiny_dataset_shared, tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow  # a 12-epoch run in a subprocess, then a resume
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_and_resume_matches(signum, reference, tiny_dataset_shared, tmp_path, capsys):
     run = tmp_path / "run"
@@ -101,6 +102,7 @@ def _same_losses(run: Path, reference: Path) -> bool:
     return losses(run) == losses(reference)
 
 
+@pytest.mark.slow  # a 12-epoch run in a subprocess, then a resume
 def test_kill_9_then_resume_reaches_the_same_weights(reference, tiny_dataset_shared, tmp_path):
     run = tmp_path / "run"
     process = start_training(tiny_dataset_shared, run, write_config(tmp_path / "tiny.yaml"))

@@ -7,7 +7,6 @@ other orientations and sizes.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib.image
@@ -15,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import PNG_SIGNATURE, read_csv
 
 from volumetric.checkpoint import save_checkpoint
 from volumetric.cli import infer_main
@@ -37,19 +37,12 @@ NATIVE = {
     "canonical": True,
     "patch_size": PATCH,
 }
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), str(path))
     return path
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
 
 
 def save(
@@ -155,6 +148,7 @@ def maps_run(lesion_model, tmp_path_factory):
 # ------------------------------------------------------------------------------------- localization
 
 
+@pytest.mark.slow  # `maps_run` trains `lesion_model` first (70 steps)
 @pytest.mark.parametrize("name", ["flipped", "permuted"])
 def test_map_peaks_at_the_planted_lesion(maps_run, name):
     """The map's maximum, in the scan file's own voxel indices, lies in the cube or within 2 voxels of it,
@@ -285,6 +279,7 @@ def test_shares_split_the_logit_rise_from_an_empty_scan():
 # ------------------------------------------------------------------------------------- files, errors
 
 
+@pytest.mark.slow  # `maps_run` trains `lesion_model` first (70 steps)
 def test_montage_is_a_png(maps_run):
     _, _, _, maps, _ = maps_run
     for name in ("flipped", "permuted", "clean"):
@@ -296,6 +291,7 @@ def test_montage_is_a_png(maps_run):
         )
 
 
+@pytest.mark.slow  # `maps_run` trains `lesion_model` first (70 steps)
 def test_bad_scan_gets_its_error_row_and_no_map(maps_run):
     """Batch semantics hold with --maps: the broken file fails alone (exit status 1), the CSV columns
     are the usual ones, and every other scan has its row and its two map files, nothing else."""

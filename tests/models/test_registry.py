@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import TINY_CONFIG, read_csv, train, write_config
+from conftest import TINY_CONFIG, read_csv, train, write_config
 
 from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
 from volumetric.cli import infer_main
@@ -37,6 +37,7 @@ def test_unknown_architecture():
         load_config(None, ["--model.arch=resnet"])
 
 
+@pytest.mark.slow
 def test_densenet_trains_and_infers_from_the_cli(tiny_dataset_shared, tmp_path):
     config = {
         **TINY_CONFIG,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchio as tio
-from conftest import write_scan
+from conftest import read_csv, write_scan
 
 from volumetric.checkpoint import save_checkpoint
 from volumetric.cli import infer_main
@@ -73,12 +72,6 @@ def infer(checkpoint: Path, inputs: list[Path], output: Path, *options: str) -> 
     return infer_main(
         [str(checkpoint), *map(str, inputs), "--output", str(output), "--no-progress", *options]
     )
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
 
 
 def test_tta_columns_and_statistics(setup, tmp_path):

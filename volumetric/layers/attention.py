@@ -1,6 +1,7 @@
 """Self-attention: softmax-free sequence-normalized attention and the softmax reference.
 
-The method (design.md §1). Per batch element and head, with N tokens of width d:
+The method (docs/method.md#sequence-normalization), per batch element and head, with N tokens of
+width d; V enters unnormalized:
 
     Q̂ = (Q − mean_N Q) / (std_N Q + ε)        statistics over the N tokens, per feature
     K̂ = (K − mean_N K) / (std_N K + ε)
@@ -85,6 +86,7 @@ class _SeqNormAttentionFn(torch.autograd.Function):
     (raw intensities, a constant feature), forward and backward work on centred copies of Q, K
     and V instead (exact, one extra (N, d) temporary each). V is not tested for this: inside the
     model it comes out of a LayerNorm'd projection, and its mean only enters dK.
+    (Derivation and precision argument: docs/method.md#the-fused-kernel, docs/method.md#precision.)
     """
 
     @staticmethod
@@ -199,6 +201,32 @@ def seqnorm_attention_reference(q: Tensor, k: Tensor, v: Tensor, eps: float = EP
     return q_hat @ (k_hat.mT @ v) / n  # (B, H, N, d)
 
 
+def seqnorm_attention_plain(q: Tensor, k: Tensor, v: Tensor, eps: float = EPS) -> Tensor:
+    """The same value as `seqnorm_attention` in plain, traceable ops, for model export.
+
+    The production path branches on the data (fast or exact moments) and loops over the batch in
+    Python, which a graph exporter cannot capture for every batch size and token count. Here the
+    moments always come from centred copies (the exact form, so no branch is needed) and every
+    product is a batched matmul. Meant for inference: under autograd it would keep Q̂ and K̂. Inputs
+    below float32 are computed in float32 as in the production path; float64 stays float64.
+    """
+    out_dtype = v.dtype
+    if q.dtype != torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    n = q.shape[-2]
+    q_c = q - q.mean(-2, keepdim=True)  # (B, H, N, d)
+    k_c = k - k.mean(-2, keepdim=True)
+    q_hat = q_c / (q_c.square().mean(-2, keepdim=True).sqrt() + eps)  # population std
+    k_hat = k_c / (k_c.square().mean(-2, keepdim=True).sqrt() + eps)
+    return (q_hat @ (k_hat.mT @ v) / n).to(out_dtype)  # (B, H, d, d) summary, then (B, H, N, d)
+
+
+def _exporting() -> bool:
+    """True while torch.export (also under the ONNX exporter) or the TorchScript ONNX exporter
+    traces the model."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Standard attention softmax(QKᵀ/√d)V through PyTorch's fused SDPA kernels: (B, H, N, d)."""
     return F.scaled_dot_product_attention(q, k, v)
@@ -253,6 +281,8 @@ class SeqNormAttention(MultiHeadSelfAttention):
     """Softmax-free attention with sequence normalization of Q and K: O(N·d²)."""
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if _exporting():  # the production Function cannot be traced (see seqnorm_attention_plain)
+            return seqnorm_attention_plain(q, k, v)
         return seqnorm_attention(q, k, v)
 
 

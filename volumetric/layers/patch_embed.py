@@ -33,7 +33,7 @@ class PatchEmbed3d(nn.Module):
         ):
             raise ValueError(
                 f"volume size {tuple(spatial)} must be a positive multiple of patch_size {self.patch_size} "
-                "on every axis (crop or pad it, e.g. with transforms.build_preprocessing)"
+                "on every axis (crop or pad it, e.g. with volumetric.transforms.build_preprocessing)"
             )
         return tuple(s // p for s, p in zip(spatial, self.patch_size))  # type: ignore[return-value]
 

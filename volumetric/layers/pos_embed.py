@@ -25,15 +25,17 @@ def sincos_pos_embed_3d(
     if dim < 6:
         raise ValueError(f"embed_dim={dim} must be at least 6 for a 3D sin-cos position embedding")
     per_axis = dim // 6  # frequencies per axis
-    omega = 1.0 / temperature ** (
-        torch.arange(per_axis, device=device, dtype=torch.float32) / per_axis
-    )  # (F,)
-    axes = torch.meshgrid(
-        *(torch.arange(n, device=device, dtype=torch.float32) for n in grid), indexing="ij"
-    )
+    exponents = torch.arange(per_axis, device=device, dtype=torch.float32) / per_axis  # (F,)
+    omega = 1.0 / temperature**exponents  # (F,)
+    # each token's (i, j, k) from its flat index rather than a meshgrid: 1-D ops only, so that an
+    # exported graph stays valid for a grid with one token along some axis (no broadcast of size 1)
+    w, h, d = grid
+    index = torch.arange(w * h * d, device=device)  # (N,) in row-major (w, h, d) order
+    row, col = index // (h * d), index // d  # i, and i·h + j
+    axes = (row, col - row * h, index - col * d)  # i, j, k: no `%`, which ONNX cannot export here
     parts = []
-    for coord in axes:  # (w, h, d) each
-        angles = coord.reshape(-1, 1) * omega  # (N, F)
+    for coord in axes:  # (N,) each
+        angles = coord.to(torch.float32).reshape(-1, 1) * omega  # (N, F)
         parts += [angles.sin(), angles.cos()]
     embed = torch.cat(parts, dim=1)  # (N, 6F)
     return torch.nn.functional.pad(embed, (0, dim - embed.shape[1]))  # (N, dim)
