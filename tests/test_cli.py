@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    TINY_CONFIG,
     assert_one_line_error,
     assert_same_weights,
     read_csv,
@@ -23,7 +25,7 @@ from conftest import (
 
 import volumetric.engine.train as train_module
 from volumetric.checkpoint import load_checkpoint, save_checkpoint
-from volumetric.cli import evaluate_main, infer_main, train_main
+from volumetric.cli import evaluate_main, export_main, infer_main, train_main
 from volumetric.data.dataset import load_subject
 from volumetric.models.registry import build_model
 from volumetric.models.vit3d import VolumeTransformer
@@ -49,6 +51,7 @@ def test_train_writes_run_folder(trained_run):
     assert sorted(p.name for p in trained_run.iterdir()) == [
         "best.pt",
         "config.yaml",
+        "dataset_summary.json",
         "last.pt",
         "learning_curves.png",
         "metrics.csv",
@@ -57,9 +60,8 @@ def test_train_writes_run_folder(trained_run):
     header, rows = read_csv(trained_run / "metrics.csv")
     assert header == METRIC_HEADER
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert (
-        int(rows[-1]["step"]) == 2 * 4
-    )  # 16 training scans (20 less a 20% validation split) in batches of 4
+    # 16 training scans (20 less a 20% validation split) in batches of 4
+    assert int(rows[-1]["step"]) == 2 * 4
     for row in rows:
         assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) > 0
         assert math.isfinite(float(row["val_loss"]))
@@ -133,7 +135,7 @@ def test_resume_continues_to_more_epochs(trained_run, tiny_dataset_shared, tmp_p
     )
 
 
-@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("cache", ["disk", "memory", "none"])
 def test_interrupted_run_resumes_exactly(
     cache, trained_run, tiny_dataset_shared, tmp_path, monkeypatch, capsys
 ):
@@ -141,9 +143,9 @@ def test_interrupted_run_resumes_exactly(
     equal those of the run that was never stopped (train.py: "a run resumed from last.pt follows the
     same path as one never stopped")."""
     config = write_config(tmp_path / "tiny.yaml")
-    flag = f"--train.cache={str(cache).lower()}"
-    if cache:
-        reference = trained_run  # the default, cache: true
+    flag = f"--train.cache={cache}"
+    if cache == "disk":
+        reference = trained_run  # the default, cache: disk
     else:
         reference = tmp_path / "reference"
         assert train(tiny_dataset_shared, reference, config, flag) == 0
@@ -525,3 +527,63 @@ def test_resume_with_other_model_is_an_error(trained_run, tiny_dataset_shared, t
     )
     assert_one_line_error(capsys, "volumetric-train", "model settings")
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
+# ----------------------------------------------------------------------- bugs, configs, export
+
+
+def test_a_bug_is_reported_as_one_and_debug_shows_it(trained_run, tmp_path, capsys, monkeypatch):
+    """An exception that is not a VolumetricError is not the user's fault: one line saying it is
+    a bug, exit status 70; --debug lets the traceback through."""
+    import volumetric.data.discovery as discovery
+
+    def broken(inputs):
+        raise KeyError("an index the code got wrong")
+
+    monkeypatch.setattr(discovery, "find_scans", broken)
+    args = [str(trained_run / "best.pt"), str(tmp_path), "--output", str(tmp_path / "p.csv")]
+    assert infer_main(args) == 70
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("volumetric-infer: internal error (a bug"), err
+    assert "KeyError" in err[0] and "--debug" in err[0]
+    with pytest.raises(KeyError, match="an index the code got wrong"):
+        infer_main([*args, "--debug"])
+
+
+def test_print_config_merges_files_and_overrides(tmp_path, capsys):
+    base = write_config(tmp_path / "base.yaml")
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("train: {epochs: 7}\nmodel: {pool: max}\n")
+    args = ["--config", str(base), "--config", str(experiment), "--train.lr=2e-4"]
+    assert train_main([*args, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 7 and printed["train"]["lr"] == 2e-4
+    assert printed["model"]["pool"] == "max" and printed["model"]["embed_dim"] == 24  # the base's
+    assert printed["train"]["batch_size"] == TINY_CONFIG["train"]["batch_size"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.yaml", "exp.yaml"]  # no run
+
+
+def test_learning_rate_is_logged_in_scientific_notation(tiny_dataset, tmp_path, caplog):
+    caplog.set_level("INFO", logger="volumetric")
+    config = write_config(tmp_path / "tiny.yaml")
+    assert train(tiny_dataset, tmp_path / "run", config, "--train.epochs=1") == 0
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1")]
+    assert epoch_lines and re.search(r"lr=\d\.\d{3}e[-+]\d\d", epoch_lines[0]), epoch_lines
+
+
+def test_export_command_writes_a_model_that_onnxruntime_runs(trained_run, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    output = tmp_path / "model.onnx"
+    assert (
+        export_main([str(trained_run / "best.pt"), "--format", "onnx", "--output", str(output)])
+        == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    tensor = np.load(tmp_path / "model.reference_tensor.npy")  # (C, W, H, D)
+    expected = np.load(tmp_path / "model.reference_probabilities.npy")  # (1, K)
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (probs,) = session.run(None, {"volume": tensor[None].astype(np.float32)})
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    wrong_suffix = tmp_path / "model.pt2"
+    args = [str(trained_run / "best.pt"), "--format", "onnx", "--output", str(wrong_suffix)]
+    assert export_main(args) == 2 and not wrong_suffix.exists()
