@@ -11,6 +11,7 @@ default (``./scripts/test.sh``, CI); skip the slow ones while iterating with
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -154,6 +155,19 @@ def trained_run(tiny_dataset_shared: Path, tmp_path_factory: pytest.TempPathFact
     run = root / "run"
     assert train(tiny_dataset_shared, run, write_config(root / "tiny.yaml")) == 0
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The disk cache of preprocessed volumes in a temporary folder, never the user's
+    ~/.cache/volumetric (subprocesses inherit the variable)."""
+    previous = os.environ.get("VOLUMETRIC_CACHE")
+    os.environ["VOLUMETRIC_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("VOLUMETRIC_CACHE", None)
+    else:
+        os.environ["VOLUMETRIC_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True)

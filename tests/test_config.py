@@ -297,3 +297,24 @@ def test_a_later_file_is_checked_like_the_first(tmp_path):
         load_config([base, bad])
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config([base, tmp_path / "missing.yaml"])
+
+
+@pytest.mark.parametrize("old, new", [(True, "memory"), (False, "none")])
+def test_old_boolean_cache_setting_is_read(old, new):
+    """Configs and last.pt files written before the disk cache said cache: true / false."""
+    assert config_from_dict({"train": {"cache": old}}).train.cache == new
+    assert Config().train.cache == "disk" and Config().train.num_workers == "auto"
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"train": {"cache": "ssd"}}, "train.cache"),
+        ({"train": {"num_workers": -1}}, "train.num_workers"),
+        ({"train": {"num_workers": "many"}}, "train.num_workers"),
+        ({"data": {"on_bad_scan": "ignore"}}, "data.on_bad_scan"),
+    ],
+)
+def test_data_loading_settings_are_checked(raw, key):
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict(raw)

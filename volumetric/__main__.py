@@ -3,7 +3,7 @@ takes a module can start them, e.g. training on 4 GPUs:
 
     torchrun --nproc_per_node=4 -m volumetric train DATA --output-dir RUN
 
-COMMAND is train, evaluate, infer, export or bench; the rest of the line goes to volumetric-COMMAND.
+COMMAND is train, evaluate, infer, export, cache or bench; the rest of the line goes to volumetric-COMMAND.
 """
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from volumetric.cli import bench_main, evaluate_main, export_main, infer_main, train_main
+from volumetric.cli import (
+    bench_main,
+    cache_main,
+    evaluate_main,
+    export_main,
+    infer_main,
+    train_main,
+)
 
 COMMANDS = {
     "train": train_main,
@@ -19,6 +26,7 @@ COMMANDS = {
     "infer": infer_main,
     "bench": bench_main,
     "export": export_main,
+    "cache": cache_main,
 }
 
 

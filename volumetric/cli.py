@@ -39,6 +39,31 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _data_options(parser: argparse.ArgumentParser, *, cache: bool) -> None:
+    """--num-workers (and --cache-dir where preprocessed volumes are cached)."""
+    parser.add_argument(
+        "--num-workers",
+        default=None,
+        metavar="N",
+        help="processes reading and preprocessing scans: auto (one per CPU beyond the first, "
+        "the default) or a number, 0 for none",
+    )
+    if cache:
+        parser.add_argument(
+            "--cache-dir",
+            help="disk cache of preprocessed volumes (default: $VOLUMETRIC_CACHE, else "
+            "~/.cache/volumetric; see volumetric-cache)",
+        )
+
+
+def _workers(value: str | None) -> int | str:
+    if value is None or value == "auto":
+        return "auto"
+    if value.isdigit():
+        return int(value)
+    raise VolumetricError(f"--num-workers {value}: give auto or a number, 0 or more")
+
+
 def _run(
     argv: Sequence[str] | None,
     parser: argparse.ArgumentParser,
@@ -124,6 +149,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="print the resolved config (defaults, --config files, overrides) as YAML and exit",
     )
+    parser.add_argument(
+        "--cache-dir",
+        help="disk cache of preprocessed volumes, for train.cache: disk (default: "
+        "$VOLUMETRIC_CACHE, else ~/.cache/volumetric; see volumetric-cache)",
+    )
     parser.epilog = "Any config value can be overridden: --train.epochs=5 --model.attention=softmax"
     return _run(argv, parser, _train, allow_overrides=True)
 
@@ -159,6 +189,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         args.output_dir,
         resume=args.resume,
         progress=not args.no_progress,
+        cache_dir=args.cache_dir,
     )
     if not is_main():  # under torchrun: rank 0 reports
         return 0
@@ -187,6 +218,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="where metrics.json, predictions.csv, confusion_matrix.png and roc.png go",
     )
+    _data_options(parser, cache=True)
     return _run(argv, parser, _evaluate)
 
 
@@ -199,6 +231,8 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
         args.output_dir,
         device=args.device or "auto",
         progress=not args.no_progress,
+        cache_dir=args.cache_dir,
+        num_workers=_workers(args.num_workers),
     )
 
     def number(key: str) -> str:
@@ -259,6 +293,7 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
         help="gradient evaluations per --maps "
         f"map, along a path from an empty scan (default {STEPS}; 1: plain gradient × input, fastest)",
     )
+    _data_options(parser, cache=False)
     parser.epilog = "Exit status: 0 all scans classified, 1 some scans failed (see the error column), 2 user error."
     return _run(argv, parser, _infer)
 
@@ -287,7 +322,12 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     maps = Path(args.maps) if args.maps else None
     predictions = predict_to_csv(
-        predictor, scans, Path(args.output), progress=not args.no_progress, maps=maps
+        predictor,
+        scans,
+        Path(args.output),
+        progress=not args.no_progress,
+        maps=maps,
+        num_workers=_workers(args.num_workers),
     )
     failed = sum(1 for p in predictions if isinstance(p, str))
     print(
@@ -295,6 +335,44 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
         + (f"; relevance maps in {maps}" if maps else "")
     )
     return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def cache_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("volumetric-cache", "List or free the disk cache of preprocessed volumes.")
+    parser.add_argument("action", choices=("info", "clear"))
+    parser.add_argument(
+        "--cache-dir", help="the cache (default: $VOLUMETRIC_CACHE, else ~/.cache/volumetric)"
+    )
+    parser.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="clear: only entries not used for DAYS days (default: all)",
+    )
+    return _run(argv, parser, _cache)
+
+
+def _cache(args: argparse.Namespace, overrides: list[str]) -> int:
+    import time
+
+    from volumetric.data.cache import clear, default_cache_dir, summarize
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.older_than is not None and args.older_than < 0:
+        raise VolumetricError(f"--older-than {args.older_than}: give a number of days, 0 or more")
+    if args.action == "clear":
+        removed, freed = clear(root, args.older_than)
+        print(f"{root}: deleted {removed} entries, freed {freed / 2**20:.1f} MiB")
+        return 0
+    summary = summarize(root)
+    print(f"{root}: {summary.entries} entries, {summary.bytes / 2**20:.1f} MiB")
+    if summary.entries:
+        days = [(time.time() - t) / 86400 for t in (summary.newest_use, summary.oldest_use)]
+        print(f"last used {days[0]:.1f} to {days[1]:.1f} days ago")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -351,6 +429,20 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--memory-cap-gib", type=float, default=20.0, help="skip cases predicted to need more"
     )
+    parser.add_argument(
+        "--data",
+        action="store_true",
+        help="only the data pipeline: generated CT scans through pre-flight, cache, loaders, "
+        "training, MONAI's PersistentDataset and inference (about 25 minutes on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--data-scans", type=int, default=24, metavar="N", help="--data: scans (default 24)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="--data: keep the generated scans here and reuse them (default: a temporary folder)",
+    )
     parser.set_defaults(argv=list(sys.argv[1:] if argv is None else argv))
     return _run(argv, parser, _bench)
 
@@ -361,6 +453,16 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     from volumetric.device import resolve_device
 
     device = resolve_device(args.device or "auto")
+    command = "volumetric-bench " + " ".join(args.argv)
+    if args.data:
+        from volumetric.bench.data import DataBenchSettings, run_and_report
+
+        data_dir = Path(args.data_dir) if args.data_dir else None
+        data = DataBenchSettings(
+            scans=args.data_scans, data_dir=data_dir, device=str(device), threads=args.threads
+        )
+        run_and_report(data, Path(args.output), command.strip(), f"data-{device.type}")
+        return 0
     settings = SuiteSettings(
         quick=args.quick,
         device=str(device),
@@ -371,7 +473,6 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     measured = ratios(results, settings)
     for name, value, target in measured:
         print(f"{name}: {format_ratio(value)} (target {target})")
-    command = "volumetric-bench " + " ".join(args.argv)
     marker = f"{'quick' if args.quick else 'full'}-{device.type}"
     write_markdown(
         Path(args.output), markdown(results, measured, settings, command.strip()), marker

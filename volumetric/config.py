@@ -27,6 +27,8 @@ from volumetric.errors import ConfigError
 
 INTENSITY_MODES = ("zscore", "ct", "minmax", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CACHE_MODES = ("disk", "memory", "none")
+BAD_SCAN_POLICIES = ("error", "skip")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class DataConfig:
         default_factory=lambda: [-1000.0, 1000.0]
     )  # HU, for intensity: ct
     canonical: bool = True  # reorient to RAS+
+    on_bad_scan: str = "error"  # error: refuse to train; skip: leave bad scans out, list them
 
 
 @dataclass
@@ -76,8 +79,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     val_fraction: float = 0.2  # held out of the training data when no --val is given
     seed: int = 0
-    num_workers: int = 0
-    cache: bool = True  # keep preprocessed volumes in memory (augmentation still runs every epoch)
+    num_workers: int | str = "auto"  # data loading processes; auto: one per CPU beyond the first
+    # preprocessed volumes: disk (memory-mapped, shared by workers and runs), memory (in each
+    # process), none (read every epoch); augmentation runs every epoch whatever this says
+    cache: str = "disk"
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1, ...
     precision: str = "auto"  # auto: bf16/fp16 autocast on CUDA, fp32 on CPU
 
@@ -135,6 +140,16 @@ class Config:
             raise ConfigError(f"config train.val_fraction must be in [0, 1), got {t.val_fraction}")
         if t.lr <= 0:
             raise ConfigError(f"config train.lr must be positive, got {t.lr}")
+        if t.cache not in CACHE_MODES:
+            raise ConfigError(f"config train.cache={t.cache!r} is not one of {CACHE_MODES}")
+        if not (t.num_workers == "auto" or isinstance(t.num_workers, int) and t.num_workers >= 0):
+            raise ConfigError(
+                f"config train.num_workers={t.num_workers!r} must be auto or a count, 0 or more"
+            )
+        if d.on_bad_scan not in BAD_SCAN_POLICIES:
+            raise ConfigError(
+                f"config data.on_bad_scan={d.on_bad_scan!r} is not one of {BAD_SCAN_POLICIES}"
+            )
         for i, entry in enumerate(self.augment):
             if not (
                 isinstance(entry, dict)
@@ -208,6 +223,14 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
+def _upgrade_legacy(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Values older configs (and the configs inside older checkpoints) wrote: ``train.cache``
+    was true (in memory) or false."""
+    if section == "train" and isinstance(values.get("cache"), bool):
+        return {**values, "cache": "memory" if values["cache"] else "none"}
+    return values
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested dicts; unknown sections or keys are a ConfigError."""
     if not isinstance(raw, dict):
@@ -222,6 +245,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+        values = _upgrade_legacy(name, values)
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}
         for key in values:

@@ -33,11 +33,13 @@ import numpy as np
 import torch
 import torchio as tio
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from volumetric.atomic_files import atomic_write_csv
 from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
 from volumetric.data.dataset import check_volume, preprocess_scan, read_scan
+from volumetric.data.loading import resolve_workers
 from volumetric.device import autocast, autocast_dtype, resolve_device
 from volumetric.errors import VolumetricError, first_line
 from volumetric.evaluation.rows import PredictionTable, predicted_class
@@ -205,33 +207,57 @@ class Predictor:
             self.check_explainable()
         original, source = as_image(scan, affine)
         subject = self.loaded.preprocess(original, source)
-        image = subject.image.data.float().unsqueeze(0)  # (1, C, W, H, D)
-        views = self._augmented_probs(subject)  # (tta, num_classes)
-        relevance = None
         if explain:
-            loaded = self.loaded
+            return self._explained(subject, source, original)
+        return self.classify([(subject, source)])[0]
 
-            def final_class(logits: torch.Tensor) -> int:  # the class the prediction will name
-                plain = logits.float().softmax(dim=1).cpu()  # (1, num_classes)
-                return int(torch.cat([plain, views]).mean(dim=0).argmax())
+    def classify(self, subjects: list[tuple[tio.Subject, str]]) -> list[Prediction]:
+        """Preprocessed subjects of one shape, with their sources → their predictions: one
+        forward pass for all of them, plus each one's TTA views."""
+        images = torch.stack([subject.image.data.float() for subject, _ in subjects])
+        plain = self.loaded.probabilities(images)  # (B, num_classes)
+        return [
+            self._prediction(source, plain[i : i + 1], self._augmented_probs(subject))
+            for i, (subject, source) in enumerate(subjects)
+        ]
 
-            with autocast(loaded.device, loaded.dtype):
-                logits, relevance = relevance_map(
-                    self.model,
-                    image.to(loaded.device),
-                    subject.image.affine,
-                    original,
-                    target=final_class,
-                    steps=self.map_steps,
-                )
-            plain = logits.float().softmax(dim=1).cpu()  # (1, num_classes)
-        else:
-            plain = self.loaded.probabilities(image)  # (1, num_classes)
+    def _prediction(
+        self,
+        source: str,
+        plain: torch.Tensor,
+        views: torch.Tensor,
+        relevance: RelevanceMap | None = None,
+    ) -> Prediction:
+        """From the (1, num_classes) probabilities of the scan and (tta, num_classes) of its views."""
         passes = torch.cat([plain, views])  # (1 + tta, num_classes)
         if not self.tta:
             return Prediction(source, self.class_names, passes[0].tolist(), relevance=relevance)
         mean, std = passes.mean(dim=0).tolist(), passes.std(dim=0).tolist()
         return Prediction(source, self.class_names, mean, std, relevance=relevance)
+
+    def _explained(
+        self, subject: tio.Subject, source: str, original: tio.ScalarImage
+    ) -> Prediction:
+        """The prediction with the relevance map of the class it names (unaugmented pass)."""
+        loaded = self.loaded
+        views = self._augmented_probs(subject)  # (tta, num_classes)
+
+        def final_class(logits: torch.Tensor) -> int:  # the class the prediction will name
+            plain = logits.float().softmax(dim=1).cpu()  # (1, num_classes)
+            return int(torch.cat([plain, views]).mean(dim=0).argmax())
+
+        image = subject.image.data.float().unsqueeze(0).to(loaded.device)  # (1, C, W, H, D)
+        with autocast(loaded.device, loaded.dtype):
+            logits, relevance = relevance_map(
+                self.model,
+                image,
+                subject.image.affine,
+                original,
+                target=final_class,
+                steps=self.map_steps,
+            )
+        plain = logits.float().softmax(dim=1).cpu()  # (1, num_classes)
+        return self._prediction(source, plain, views, relevance)
 
     def _augmented_probs(self, subject: tio.Subject) -> torch.Tensor:
         """(tta, num_classes) probabilities of ``self.tta`` random views of the preprocessed
@@ -246,6 +272,32 @@ class Predictor:
         return torch.cat(probs)
 
 
+class _Prepared(Dataset):
+    """Scan i read and preprocessed (in a DataLoader worker): its tensor and affine, or its error."""
+
+    def __init__(self, scans: list[Path], preprocessing: tio.Compose, in_channels: int):
+        self.scans, self.preprocessing, self.in_channels = scans, preprocessing, in_channels
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scan = self.scans[index]
+        try:
+            original, source = as_image(scan)
+            subject = preprocess_scan(source, original, self.preprocessing, self.in_channels)
+        except VolumetricError as error:
+            return {"index": index, "error": str(error)}
+        except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
+            return {"index": index, "error": f"{scan}: {first_line(error)}"}
+        image = subject.image  # (C, W, H, D)
+        return {"index": index, "error": "", "data": image.data, "affine": image.affine}
+
+
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
 def predict_to_csv(
     predictor: Predictor,
     scans: list[Path],
@@ -253,35 +305,99 @@ def predict_to_csv(
     *,
     progress: bool = True,
     maps: Path | None = None,
+    num_workers: int | str = "auto",
+    batch_size: int = 8,
 ) -> list[Prediction | str]:
     """Classify every scan and write the CSV atomically; returns, per scan, its Prediction or
     its error message.
 
-    With ``maps``, each scan that is classified also gets its relevance map (NIfTI and PNG) there,
-    written as soon as it is computed; a scan that fails gets none.
+    ``num_workers`` processes read and preprocess scans ahead of the model, and consecutive scans
+    of one shape go through it ``batch_size`` at a time. With ``maps``, each scan is explained in
+    turn and its relevance map (NIfTI and PNG) written as soon as it is computed; a scan that
+    fails gets none.
     """
     if maps is not None:
-        predictor.check_explainable()
-        names = map_names(scans)
+        return _predict_with_maps(predictor, scans, output, Path(maps), progress)
+    loaded = predictor.loaded
+    dataset = _Prepared(scans, loaded.preprocessing, loaded.in_channels)
+    workers = resolve_workers(num_workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is)
+    results: list[Prediction | str] = [""] * len(scans)
+    pending: list[tuple[int, tio.Subject, str]] = []  # consecutive scans of one shape
+    for item in tqdm(loader, total=len(scans), desc="infer", disable=not progress):
+        index = item["index"]
+        if item["error"]:
+            results[index] = item["error"]
+            continue
+        subject = tio.Subject(image=tio.ScalarImage(tensor=item["data"], affine=item["affine"]))
+        if pending and (len(pending) == batch_size or _shape(pending[-1][1]) != _shape(subject)):
+            _classify(predictor, pending, results)
+        pending.append((index, subject, str(scans[index])))
+    _classify(predictor, pending, results)
+    _write_csv(predictor, scans, results, output)
+    return results
+
+
+def _shape(subject: tio.Subject) -> tuple[int, ...]:
+    return tuple(subject.image.data.shape)
+
+
+def _classify(
+    predictor: Predictor,
+    pending: list[tuple[int, tio.Subject, str]],
+    results: list[Prediction | str],
+) -> None:
+    """Classify the pending scans into ``results``, then empty ``pending``. A failing batch is
+    retried scan by scan, so that one scan's failure (e.g. out of memory) is that scan's alone."""
+    if not pending:
+        return
+    try:
+        predictions = predictor.classify([(subject, source) for _, subject, source in pending])
+    except (RuntimeError, ValueError) as error:
+        if len(pending) > 1:
+            for one in pending:
+                _classify(predictor, [one], results)
+        else:
+            index, _, source = pending[0]
+            results[index] = f"{source}: {first_line(error)}"
+    else:
+        for (index, _, _), prediction in zip(pending, predictions):
+            results[index] = prediction
+    pending.clear()
+
+
+def _predict_with_maps(
+    predictor: Predictor, scans: list[Path], output: Path, maps: Path, progress: bool
+) -> list[Prediction | str]:
+    """One scan at a time: the relevance map needs the scan as read, beside its prediction."""
+    predictor.check_explainable()
+    names = map_names(scans)
     results: list[Prediction | str] = []
-    rows = []
     for index, scan in enumerate(tqdm(scans, desc="infer", disable=not progress)):
         try:
-            result = predictor(scan, explain=maps is not None)
+            result: Prediction | str = predictor(scan, explain=True)
         except VolumetricError as error:
             result = str(error)
         except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
             result = f"{scan}: {first_line(error)}"
+        if isinstance(result, Prediction):
+            _save_map(predictor, result, maps, names[index])
+        results.append(result)
+    _write_csv(predictor, scans, results, output)
+    return results
+
+
+def _write_csv(
+    predictor: Predictor, scans: list[Path], results: list[Prediction | str], output: Path
+) -> None:
+    rows = []
+    for scan, result in zip(scans, results):
         if isinstance(result, str):
             log.error("%s", result)
             rows.append(predictor.table.row(scan, error=result))
         else:
-            if maps is not None:
-                _save_map(predictor, result, Path(maps), names[index])
             rows.append(predictor.table.row(scan, result.probs, probs_std=result.probs_std))
-        results.append(result)
     atomic_write_csv(output, predictor.table.header(), rows)
-    return results
 
 
 def _save_map(predictor: Predictor, prediction: Prediction, maps: Path, name: str) -> None:

@@ -1,7 +1,8 @@
-"""ScanDataset: scans → preprocessed (and, for training, augmented) tensors.
+"""Reading scans, and ScanDataset: scans → preprocessed (and, for training, augmented) tensors.
 
-Preprocessing is deterministic, so with ``cache=True`` each scan is read and preprocessed once and
-kept in memory; augmentation is random and runs on every access.
+Preprocessing is deterministic, so each scan is read and preprocessed once and cached (on disk,
+memory-mapped, by default: volumetric/data/cache.py); augmentation is random and runs on every
+access, seeded by (seed, epoch, scan).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torchio as tio
 from torch.utils.data import Dataset
 
+from volumetric.data.cache import DiskCache
 from volumetric.errors import VolumetricError, first_line
 
 log = logging.getLogger(__name__)
@@ -26,16 +28,26 @@ MAX_VOXELS = 2**31
 """Scans whose header claims more voxels than this (8 GiB as float32) are refused before loading."""
 
 
-def _check_header(path: Path) -> None:
-    """Refuse unreadable or absurd files from their header alone, before any voxel is read."""
+def check_header(path: Path, *, strict: bool = True):
+    """Refuse missing, empty, unreadable or absurd files from their header alone, before any
+    voxel is read; returns SimpleITK's reader with the header information. A header SimpleITK
+    cannot parse is a VolumetricError when ``strict``, else None (another reader may manage)."""
     import SimpleITK as sitk
 
+    if not path.exists():
+        raise VolumetricError(f"{path}: no such file or folder")
+    if path.stat().st_size == 0:
+        raise VolumetricError(f"{path}: empty file")
+    if not os.access(path, os.R_OK):
+        raise VolumetricError(f"{path}: permission denied")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return  # SimpleITK cannot tell; the reader below reports its own error
+        if strict:
+            raise VolumetricError(f"{path}: cannot read scan: not an image file") from None
+        return None
     size = reader.GetSize()
     voxels = int(np.prod(size, dtype=np.float64)) * reader.GetNumberOfComponents()
     if voxels > MAX_VOXELS:
@@ -43,6 +55,7 @@ def _check_header(path: Path) -> None:
         raise VolumetricError(
             f"{path}: header claims {shape} voxels ({voxels:.2e}); refusing to load it"
         )
+    return reader
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -74,17 +87,12 @@ def read_scan(path: Path) -> tio.ScalarImage:
     if not path.exists():
         raise VolumetricError(f"{path}: no such file or folder")
     if path.is_file():
-        if path.stat().st_size == 0:
-            raise VolumetricError(f"{path}: empty file")
-        if not os.access(path, os.R_OK):
-            raise VolumetricError(f"{path}: permission denied")
-        _check_header(path)
+        check_header(path, strict=False)  # SimpleITK may not parse it: the readers below say why
     nifti = path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
     image = tio.ScalarImage(path, reader=_read_nifti) if nifti else tio.ScalarImage(path)
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # TorchIO warns before falling back from SimpleITK to nibabel
+        # TorchIO warns before falling back from SimpleITK to nibabel
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
     except MemoryError:
@@ -106,6 +114,8 @@ def check_volume(image: tio.Image, source: str | Path) -> tio.Image:
     spatial = image.spatial_shape
     if sum(n > 1 for n in spatial) < 3:
         raise VolumetricError(f"{source}: a {'×'.join(map(str, spatial))} image is not a 3D volume")
+    if torch.isfinite(image.data).all():  # the common case, one pass: no count needed
+        return image
     bad = int((~torch.isfinite(image.data)).sum())
     if bad:
         raise VolumetricError(f"{source}: {bad} voxel(s) are NaN or infinite")
@@ -137,8 +147,27 @@ def preprocess_scan(
             raise VolumetricError(f"{path}: {error}") from None
 
 
+CACHE_MODES = ("disk", "memory", "none")
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one scan's augmentation in one epoch: a pure function of its arguments, so the
+    same run draws the same views whatever the number of workers, processes or resumes."""
+    return (seed * 1_000_003 + epoch) * 100_000_007 + index
+
+
 class ScanDataset(Dataset):
-    """Items are dicts: image (C, W, H, D) float32, label (int, -1 when unknown), index (int)."""
+    """Preprocessed (and, when ``augment`` is set, augmented) scans.
+
+    Items are dicts: image (C, W, H, D) float32, label (int, -1 when unknown), index (int). A key
+    is an index, or (index, epoch) for training: augmentation then draws from
+    `augmentation_seed` (seed, epoch, index) in a forked RNG. A scan that fails gives
+    ``{"error": message, "index": index}`` rather than raising, so that the one-line message
+    reaches the main process unchanged from a DataLoader worker (`volumetric.data.loading`).
+
+    ``cache``: ``disk`` (a `DiskCache`, memory-mapped, shared by workers and runs), ``memory``
+    (kept in this process: each worker builds its own copy), or ``none`` (read every time).
+    """
 
     def __init__(
         self,
@@ -146,30 +175,58 @@ class ScanDataset(Dataset):
         preprocess: tio.Transform,
         *,
         augment: tio.Transform | None = None,
-        cache: bool = False,
+        cache: str = "none",
+        disk_cache: DiskCache | None = None,
         in_channels: int = 1,
+        seed: int = 0,
     ):
+        if cache not in CACHE_MODES or (cache == "disk") != (disk_cache is not None):
+            raise ValueError(f"cache={cache!r} needs disk_cache exactly when it is 'disk'")
         self.items = items
         self.preprocess = preprocess
         self.augment = augment
         self.in_channels = in_channels
-        self._cache: dict[int, tuple[torch.Tensor, Any]] | None = {} if cache else None
+        self.seed = seed
+        self.disk_cache = disk_cache
+        self._memory: dict[int, tuple[torch.Tensor, Any]] | None = {} if cache == "memory" else None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def subject(self, index: int) -> tio.Subject:
-        """The preprocessed (not augmented) subject of item ``index``."""
-        if self._cache is not None and index in self._cache:
-            data, affine = self._cache[index]
-            return tio.Subject(image=tio.ScalarImage(tensor=data.clone(), affine=affine))
-        subject = load_subject(self.items[index][0], self.preprocess, self.in_channels)
-        if self._cache is not None:
-            self._cache[index] = (subject.image.data, subject.image.affine)
+        """The preprocessed (not augmented) subject of item ``index``; VolumetricError if the scan
+        cannot be read or preprocessed."""
+        path = self.items[index][0]
+        cached = self._cached(index)
+        if cached is not None:
+            data, affine = cached
+            return tio.Subject(image=tio.ScalarImage(tensor=data, affine=affine))
+        subject = load_subject(path, self.preprocess, self.in_channels)
+        data, affine = subject.image.data, subject.image.affine
+        if self.disk_cache is not None:
+            subject.image.set_data(self.disk_cache.store(path, data, affine))
+        if self._memory is not None:
+            self._memory[index] = (data, affine)
         return subject
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        subject = self.subject(index)
-        if self.augment is not None:
-            subject = self.augment(subject)
+    def _cached(self, index: int) -> tuple[torch.Tensor, np.ndarray] | None:
+        if self._memory is not None and index in self._memory:
+            data, affine = self._memory[index]
+            return data.clone(), affine
+        if self.disk_cache is not None:
+            return self.disk_cache.load(self.items[index][0])
+        return None
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        try:
+            subject = self.subject(index)
+            if self.augment is not None and epoch is None:
+                subject = self.augment(subject)  # from the global RNG
+            elif self.augment is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(augmentation_seed(self.seed, epoch, index))
+                    subject = self.augment(subject)
+        except VolumetricError as error:
+            return {"error": str(error), "index": index}
         return {"image": subject.image.data.float(), "label": self.items[index][1], "index": index}

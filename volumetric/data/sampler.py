@@ -61,3 +61,18 @@ def strided_shard(n: int, rank: int, num_replicas: int) -> list[int]:
     """Items rank, rank + num_replicas, ... of range(n): disjoint shards, no padding, together all of
     range(n) exactly once (for validation, where a repeated scan would count twice)."""
     return list(range(rank, n, num_replicas))
+
+
+class EpochKeys(Sampler[tuple[int, int]]):
+    """The items of an `EpochSampler` as (index, epoch) keys: the epoch travels with each index to
+    the DataLoader worker that loads it, where augmentation is seeded by (seed, epoch, index)."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((index, epoch) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -201,3 +202,12 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return [g[:n].cpu() for g, n in zip(gathered, counts)]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's picklable ``obj``, in rank order ([obj] in a single process)."""
+    if not _active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

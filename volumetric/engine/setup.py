@@ -18,19 +18,24 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchio as tio
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from volumetric.config import Config
+from volumetric.data.cache import DiskCache
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices
-from volumetric.data.sampler import EpochSampler, strided_shard
+from volumetric.data.loading import available_cpus, loader_options, resolve_workers
+from volumetric.data.preflight import screen
+from volumetric.data.sampler import EpochKeys, EpochSampler, strided_shard
 from volumetric.data.split import stratified_split
 from volumetric.device import autocast, autocast_dtype
-from volumetric.engine.distributed import World
+from volumetric.engine.distributed import World, all_gather_objects
 from volumetric.engine.schedule import warmup_cosine
 from volumetric.errors import VolumetricError
+from volumetric.layers.patch_embed import as_triple
 from volumetric.models.registry import build_model, model_arguments
 from volumetric.transforms import build_augmentation, build_preprocessing
 
@@ -62,6 +67,7 @@ class Run:
     criterion: nn.Module
     steps_per_epoch: int
     total_steps: int
+    data_summary: dict[str, Any]  # dataset_summary.json (volumetric/data/preflight.py)
 
     @property
     def last_path(self) -> Path:
@@ -91,8 +97,10 @@ class Run:
 
 
 def preprocessing_settings(config: Config) -> dict[str, Any]:
-    """What a checkpoint must carry to preprocess a scan exactly as in training."""
-    return {**asdict(config.data), "patch_size": config.model.patch_size}
+    """What a checkpoint must carry to preprocess a scan exactly as in training (the data section
+    less what decides which scans train, not how one is preprocessed)."""
+    data = {k: v for k, v in asdict(config.data).items() if k != "on_bad_scan"}
+    return {**data, "patch_size": config.model.patch_size}
 
 
 def seed_everything(seed: int) -> None:
@@ -110,12 +118,16 @@ def set_up(
     device: torch.device,
     *,
     resume: bool,
+    cache_dir: Path | None = None,
 ) -> Run:
     """Check the run folder and the data, then build data sets, loaders, model and optimizer."""
     _check_run_folder(output_dir, resume)
     class_names, train_pairs, val_pairs = split_data(config, train_items, val_items)
+    train_pairs, val_pairs, summary = screen_data(
+        config, class_names, train_pairs, val_pairs, world, cache_dir
+    )
     seed_everything(config.train.seed)
-    data = _data(config, train_pairs, val_pairs, world, device)
+    data = _data(config, train_pairs, val_pairs, world, device, cache_dir)
     arch = config.model.arch
     model_args = model_arguments(arch, asdict(config.model), len(class_names))
     model = build_model(arch, model_args).to(device)  # the first draw from the seeded global RNG
@@ -136,6 +148,7 @@ def set_up(
         train_model=model,  # wrapped by `distribute` once the weights are final
         steps_per_epoch=steps_per_epoch,
         total_steps=config.train.epochs * steps_per_epoch,
+        data_summary=summary,
         criterion=nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing),
         **data,
         **_optimization(model, config, steps_per_epoch, device, dtype),
@@ -192,41 +205,98 @@ def split_data(
     return class_names, train_pairs, val_pairs
 
 
+def screen_data(
+    config: Config,
+    class_names: list[str],
+    train_pairs: list[tuple[Path, int]],
+    val_pairs: list[tuple[Path, int]],
+    world: World,
+    cache_dir: Path | None,
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], dict[str, Any]]:
+    """Pre-flight over every training and validation scan before the first step (each process
+    checks its share); with ``data.on_bad_scan: skip`` the bad ones are left out, and a class
+    left without training scans is an error."""
+    pairs = train_pairs + val_pairs
+    roles = ["train"] * len(train_pairs) + ["validation"] * len(val_pairs)
+    keep, summary = screen(
+        _dataset(config, pairs, cache_dir),
+        roles,
+        class_names,
+        policy=config.data.on_bad_scan,
+        patch_size=as_triple(config.model.patch_size, "patch_size"),
+        spacing=config.data.spacing,
+        target_shape=config.data.target_shape,
+        # nothing else runs yet: the pre-flight shares every CPU among the processes of the run
+        # (train.num_workers: 0 keeps it in the main process)
+        workers=resolve_workers(config.train.num_workers)
+        and max(1, available_cpus() // world.size),
+        rank=world.rank,
+        size=world.size,
+        gather=all_gather_objects,
+    )
+    kept = set(keep)
+    train_kept = [p for i, p in enumerate(train_pairs) if i in kept]
+    val_kept = [p for i, p in enumerate(val_pairs, start=len(train_pairs)) if i in kept]
+    missing = sorted(set(class_names) - {class_names[y] for _, y in train_kept})
+    if missing:
+        raise VolumetricError(f"no usable training scan is left of class(es) {missing}")
+    return train_kept, val_kept, summary
+
+
+def _dataset(
+    config: Config,
+    pairs: list[tuple[Path, int]],
+    cache_dir: Path | None,
+    augment: tio.Transform | None = None,
+) -> ScanDataset:
+    """A data set of ``pairs`` with the run's preprocessing and cache."""
+    t, channels = config.train, config.model.in_channels
+    settings = preprocessing_settings(config)
+    disk = None
+    if t.cache == "disk":
+        disk = DiskCache.for_preprocessing(cache_dir, settings, channels)
+    preprocess = build_preprocessing(settings, config.model.patch_size)
+    options = dict(cache=t.cache, disk_cache=disk, in_channels=channels, seed=t.seed)
+    return ScanDataset(pairs, preprocess, augment=augment, **options)
+
+
 def _data(
     config: Config,
     train_pairs: list[tuple[Path, int]],
     val_pairs: list[tuple[Path, int]],
     world: World,
     device: torch.device,
+    cache_dir: Path | None,
 ) -> dict[str, Any]:
     """Data sets, the training sampler and both loaders (as `Run` fields)."""
-    t, channels = config.train, config.model.in_channels
-    preprocess = build_preprocessing(asdict(config.data), config.model.patch_size)
-    augment = build_augmentation(config.augment)
-    train_set = ScanDataset(
-        train_pairs, preprocess, augment=augment, cache=t.cache, in_channels=channels
-    )
-    val_set = ScanDataset(val_pairs, preprocess, cache=t.cache, in_channels=channels)
-    loader_args = dict(
-        batch_size=t.batch_size,
-        num_workers=t.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=t.num_workers > 0,
-    )
+    t = config.train
+    train_set = _dataset(config, train_pairs, cache_dir, build_augmentation(config.augment))
+    val_set = _dataset(config, val_pairs, cache_dir)
+    options = loader_options(resolve_workers(t.num_workers), pin_memory=device.type == "cuda")
     # every process draws the same permutation per epoch and takes its own shard of it
     sampler = EpochSampler(len(train_set), t.seed, num_replicas=world.size, rank=world.rank)
     # loaders draw their workers' base seeds from their own generators, not from the global RNG
-    # that augmentation uses, so that creating an iterator does not shift a resumed run
-    train_gen = torch.Generator().manual_seed(t.seed)
-    val_order = strided_shard(len(val_set), world.rank, world.size)
+    # that dropout uses, so that creating an iterator does not shift a resumed run
+    train_loader = DataLoader(
+        train_set,
+        batch_size=t.batch_size,
+        sampler=EpochKeys(sampler),
+        generator=torch.Generator().manual_seed(t.seed),
+        **options,
+    )
+    val_loader = DataLoader(
+        val_set,
+        batch_size=t.batch_size,
+        sampler=strided_shard(len(val_set), world.rank, world.size),
+        generator=torch.Generator(),
+        **options,
+    )
     return dict(
         train_set=train_set,
         val_set=val_set,
         sampler=sampler,
-        train_loader=DataLoader(train_set, sampler=sampler, generator=train_gen, **loader_args),
-        val_loader=DataLoader(
-            val_set, sampler=val_order, generator=torch.Generator(), **loader_args
-        ),
+        train_loader=train_loader,
+        val_loader=val_loader,
     )
 
 

@@ -20,6 +20,7 @@ at the same step (see distributed.py for why every process must call the same co
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -32,9 +33,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from volumetric.atomic_files import atomic_write_csv
+from volumetric.atomic_files import atomic_write_csv, atomic_write_text
 from volumetric.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.config import Config, save_config
+from volumetric.data.loading import batches
 from volumetric.engine.distributed import (
     World,
     all_gather,
@@ -107,16 +109,27 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train a classifier (config.model.arch) on (path, class name) items; writes checkpoints and
-    logs to output_dir. Without ``val_items`` a stratified split of the training items validates."""
+    logs to output_dir. Without ``val_items`` a stratified split of the training items validates.
+    ``cache_dir``: where ``train.cache: disk`` keeps preprocessed volumes (default: see
+    volumetric/data/cache.py)."""
     with distributed_session(config.train.device) as (world, device):
-        run = set_up(config, train_items, val_items, Path(output_dir), world, device, resume=resume)
+        run = set_up(
+            config,
+            train_items,
+            val_items,
+            Path(output_dir),
+            world,
+            device,
+            resume=resume,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+        )
         state = restore(run) if resume else RunState(world_size=world.size)
         distribute(run)
         if world.is_main:
-            run.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run.output_dir / "config.yaml")
+            start_run_folder(run)
         show = progress and world.is_main
         with (
             StopSignals() as stop,
@@ -135,6 +148,27 @@ def train(
 
 
 # ------------------------------------------------------------------------------------- restore
+
+
+def start_run_folder(run: Run) -> None:
+    """config.yaml, dataset_summary.json and, when scans were left out, skipped_scans.csv."""
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run.config, run.output_dir / "config.yaml")
+    summary = run.data_summary
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    atomic_write_text(run.output_dir / "dataset_summary.json", text)
+    skipped = [[path, problem] for path, problem in summary["unusable"].items()]
+    if skipped:
+        atomic_write_csv(run.output_dir / "skipped_scans.csv", ["path", "problem"], skipped)
+    counts = {name: sum(roles.values()) for name, roles in summary["per_class"].items()}
+    log.info(
+        "%d scans usable of %d %s; preprocessed shape %s; summary in %s",
+        summary["usable"],
+        summary["scans"],
+        counts,
+        summary["preprocessed_shape"],
+        run.output_dir / "dataset_summary.json",
+    )
 
 
 def restore(run: Run) -> RunState:
@@ -233,7 +267,7 @@ def train_epoch(
     run.optimizer.zero_grad(set_to_none=True)
     desc = f"epoch {totals.epoch + 1}/{t.epochs}"
     bar = tqdm(run.train_loader, desc=desc, disable=not progress, leave=False)
-    for batch in bar:
+    for batch in batches(bar):
         stepping = (totals.done + 1) % t.grad_accum_steps == 0 or totals.done + 1 >= totals.batches
         value, scans = forward_backward(run, state, batch, stepping, totals.epoch)
         totals.loss_sum += value * scans

@@ -9,15 +9,18 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from volumetric.atomic_files import atomic_write_csv, atomic_write_text
-from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
+from volumetric.data.cache import DiskCache
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices, discover
-from volumetric.device import autocast_dtype, resolve_device
+from volumetric.data.loading import loader_options, resolve_workers
 from volumetric.evaluation.metrics import evaluation_report, roc_curves
 from volumetric.evaluation.plots import plot_confusion_matrix, plot_roc
 from volumetric.evaluation.predict import predict
 from volumetric.evaluation.rows import PredictionTable
-from volumetric.transforms import build_preprocessing
+from volumetric.inference import load_model
+
+EVAL_BATCH = 4
+"""Scans per forward pass when the checkpoint crops or pads every scan to one shape."""
 
 
 def evaluate_checkpoint(
@@ -30,30 +33,32 @@ def evaluate_checkpoint(
     progress: bool = True,
     bootstrap_resamples: int = 1000,
     seed: int = 0,
+    cache: str = "disk",
+    cache_dir: str | Path | None = None,
+    num_workers: int | str = "auto",
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on a labelled data set (see ``evaluation_report``).
 
     Writes to output_dir: metrics.json, predictions.csv, confusion_matrix.png and roc.png. The
     AUROC confidence interval is a ``bootstrap_resamples``-fold bootstrap seeded with ``seed``.
+    Scans are read by ``num_workers`` processes and, with ``cache="disk"``, preprocessed once
+    into the disk cache (volumetric/data/cache.py), which training of the same preprocessing
+    shares.
     """
-    state = load_checkpoint(checkpoint)
-    class_names = state["class_names"]
+    loaded = load_model(checkpoint, device=device, precision=precision)
+    class_names = loaded.class_names
     pairs = class_indices(discover(data), class_names, data)
-    settings = state["preprocessing"]
+    disk = None
+    if cache == "disk":
+        root = Path(cache_dir) if cache_dir else None
+        disk = DiskCache.for_preprocessing(root, loaded.settings, loaded.in_channels)
     dataset = ScanDataset(
-        pairs,
-        build_preprocessing(settings, settings["patch_size"]),
-        in_channels=state["model_args"].get("in_channels", 1),
+        pairs, loaded.preprocessing, cache=cache, disk_cache=disk, in_channels=loaded.in_channels
     )
-    run_device = resolve_device(device)
-    model = model_from_checkpoint(state, checkpoint).to(run_device)
-    result = predict(
-        model,
-        DataLoader(dataset, batch_size=1),
-        run_device,
-        autocast_dtype(run_device, precision),
-        progress=progress,
-    )
+    same_shape = loaded.settings.get("target_shape") is not None
+    options = loader_options(resolve_workers(num_workers), loaded.device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=EVAL_BATCH if same_shape else 1, **options)
+    result = predict(loaded.model, loader, loaded.device, loaded.dtype, progress=progress)
     metrics = evaluation_report(
         result.probs,
         result.labels,

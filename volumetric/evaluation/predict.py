@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from volumetric.data.loading import batches
 from volumetric.device import autocast
 from volumetric.evaluation.metrics import classification_metrics
 
@@ -37,7 +38,7 @@ def predict(
     """Probabilities for every item of ``loader`` (model switched to eval mode)."""
     model.eval()
     probs, labels, indices, loss_sum = [], [], [], 0.0
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in batches(tqdm(loader, desc=desc, disable=not progress, leave=False)):
         images = batch["image"].to(device, non_blocking=True)  # (B, C, W, H, D)
         target = batch["label"].to(device)
         with autocast(device, dtype):
