@@ -174,3 +174,21 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def train_stopped_in_epoch_2(monkeypatch, data: Path, run: Path, config: Path, *extra: str) -> int:
+    """volumetric-train, interrupted (KeyboardInterrupt) at the validation of epoch 2: epoch 1 is
+    saved, epoch 2 is not. The exit status (130)."""
+    import volumetric.engine.train as train_module
+
+    calls, predict = [], train_module.predict
+
+    def predict_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return predict(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "predict", predict_then_stop)
+        return train(data, run, config, *extra)

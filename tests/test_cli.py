@@ -18,12 +18,12 @@ from conftest import (
     assert_same_weights,
     read_csv,
     train,
+    train_stopped_in_epoch_2,
     weights,
     write_config,
     write_scan,
 )
 
-import volumetric.engine.train as train_module
 from volumetric.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.cli import evaluate_main, export_main, infer_main, train_main
 from volumetric.data.dataset import load_subject
@@ -149,19 +149,9 @@ def test_interrupted_run_resumes_exactly(
     else:
         reference = tmp_path / "reference"
         assert train(tiny_dataset_shared, reference, config, flag) == 0
-    calls = []
-    predict = train_module.predict
-
-    def predict_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # validation of epoch 2: epoch 1 is saved, epoch 2 is not
-            raise KeyboardInterrupt
-        return predict(*args, **kwargs)
-
     run = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        patch.setattr(train_module, "predict", predict_then_stop)
-        assert train(tiny_dataset_shared, run, config, flag) == 130
+    stopped = train_stopped_in_epoch_2(monkeypatch, tiny_dataset_shared, run, config, flag)
+    assert stopped == 130
     assert "interrupted" in capsys.readouterr().err
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     assert train(tiny_dataset_shared, run, None, "--resume") == 0
@@ -456,9 +446,8 @@ def test_unknown_flag_is_a_usage_error(tiny_dataset, tmp_path, capsys):
     ],
 )
 def test_error_bad_model_argument_is_one_line(override, key, tiny_dataset, tmp_path, capsys):
-    """Model arguments the config does not check reach VolumeTransformer, whose ValueError (design.md §6:
-    "a VolumetricError (or ValueError) that the CLI turns into one line and exit status 2") must not
-    escape as a traceback."""
+    """Bad model arguments are caught by the config's check, which reuses VolumeTransformer's own
+    (a ConfigError naming the key): one line and exit status 2, never a traceback."""
     try:
         code = train(tiny_dataset, tmp_path / "run", write_config(tmp_path / "tiny.yaml"), override)
     except ValueError as error:

@@ -45,8 +45,8 @@ def _data_options(parser: argparse.ArgumentParser, *, cache: bool) -> None:
         "--num-workers",
         default=None,
         metavar="N",
-        help="processes reading and preprocessing scans: auto (one per CPU beyond the first, "
-        "the default) or a number, 0 for none",
+        help="processes reading and preprocessing scans: auto (one per CPU beyond the first, none "
+        "on 2 CPUs: the default) or a number, 0 for none",
     )
     if cache:
         parser.add_argument(

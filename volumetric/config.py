@@ -79,7 +79,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     val_fraction: float = 0.2  # held out of the training data when no --val is given
     seed: int = 0
-    num_workers: int | str = "auto"  # data loading processes; auto: one per CPU beyond the first
+    num_workers: int | str = (
+        "auto"  # data loading processes; auto: one per CPU beyond the first, none on 2 CPUs
+    )
     # preprocessed volumes: disk (memory-mapped, shared by workers and runs), memory (in each
     # process), none (read every epoch); augmentation runs every epoch whatever this says
     cache: str = "disk"

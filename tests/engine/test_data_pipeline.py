@@ -16,13 +16,13 @@ from conftest import (
     assert_same_weights,
     read_csv,
     train,
+    train_stopped_in_epoch_2,
     weights,
     write_config,
     write_scan,
 )
 
 import volumetric.data.dataset as dataset_module
-import volumetric.engine.train as train_module
 from volumetric.checkpoint import load_checkpoint
 from volumetric.data.cache import summarize
 
@@ -88,18 +88,9 @@ def test_resume_with_workers_reaches_the_uninterrupted_weights(
     config = write_config(tmp_path / "tiny.yaml")
     flags = ["--train.num_workers=2"]
     assert train(tiny_dataset_shared, tmp_path / "reference", config, *flags) == 0
-    calls, predict = [], train_module.predict
-
-    def predict_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # validation of epoch 2: epoch 1 is saved, epoch 2 is not
-            raise KeyboardInterrupt
-        return predict(*args, **kwargs)
-
     run = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        patch.setattr(train_module, "predict", predict_then_stop)
-        assert train(tiny_dataset_shared, run, config, *flags) == 130
+    stopped = train_stopped_in_epoch_2(monkeypatch, tiny_dataset_shared, run, config, *flags)
+    assert stopped == 130
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     assert train(tiny_dataset_shared, run, None, "--resume") == 0
     _, rows = read_csv(run / "metrics.csv")
@@ -205,3 +196,15 @@ def test_a_cache_that_would_not_fit_is_refused_before_writing(
     # 20 scans of 16³ float16 voxels: 8 KiB each and a header
     assert_one_line_error(capsys, "volumetric-train", "the disk cache needs about", "20 scans")
     assert summarize(cache).entries == 0 and not (tmp_path / "run").exists()
+
+
+def test_a_worker_failure_is_the_main_process_line(trained_run, tiny_dataset, tmp_path, capsys):
+    """volumetric-evaluate has no pre-flight: a NaN scan fails inside a DataLoader worker and must
+    still be one line, not PyTorch's 'Caught ... in DataLoader worker process' traceback."""
+    from volumetric.cli import evaluate_main
+
+    bad = add_broken(tiny_dataset)
+    args = [str(trained_run / "best.pt"), str(tiny_dataset), "--output-dir", str(tmp_path / "e")]
+    assert evaluate_main([*args, "--num-workers", "2", "--no-progress"]) == 2
+    line = assert_one_line_error(capsys, "volumetric-evaluate", str(bad), "NaN")
+    assert "Caught" not in line and "DataLoader" not in line

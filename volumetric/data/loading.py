@@ -29,9 +29,12 @@ def available_cpus() -> int:
 
 def resolve_workers(setting: int | str) -> int:
     """``auto``: one worker per CPU beyond the first (which the model's matrix products use), at
-    most 8 and at least 1: reading and resampling then overlap with the step."""
+    most 8, so that reading and resampling overlap with the step; but none on a machine of two
+    CPUs or fewer, where a worker takes a core from the matrix products and costs more than it
+    saves (docs/benchmarks.md, data pipeline)."""
     if setting == "auto":
-        return max(1, min(MAX_AUTO_WORKERS, available_cpus() - 1))
+        cpus = available_cpus()
+        return 0 if cpus <= 2 else min(MAX_AUTO_WORKERS, cpus - 1)
     return int(setting)
 
 
