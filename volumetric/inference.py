@@ -272,6 +272,19 @@ class Predictor:
         return torch.cat(probs)
 
 
+SCAN_FAILURES = (VolumetricError, RuntimeError, ValueError)
+"""What costs one scan its row, not the whole run: a bad scan, or a library's error on it (e.g.
+out of memory on a huge scan)."""
+
+
+def failure_message(scan: str | Path, error: Exception) -> str:
+    """The error column of a failed scan: a VolumetricError names its scan already; a library's
+    error gets the scan's name and its first line."""
+    if isinstance(error, VolumetricError):
+        return str(error)
+    return f"{scan}: {first_line(error)}"
+
+
 class _Prepared(Dataset):
     """Scan i read and preprocessed (in a DataLoader worker): its tensor and affine, or its error."""
 
@@ -286,10 +299,8 @@ class _Prepared(Dataset):
         try:
             original, source = as_image(scan)
             subject = preprocess_scan(source, original, self.preprocessing, self.in_channels)
-        except VolumetricError as error:
-            return {"index": index, "error": str(error)}
-        except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
-            return {"index": index, "error": f"{scan}: {first_line(error)}"}
+        except SCAN_FAILURES as error:
+            return {"index": index, "error": failure_message(scan, error)}
         image = subject.image  # (C, W, H, D)
         return {"index": index, "error": "", "data": image.data, "affine": image.affine}
 
@@ -353,13 +364,13 @@ def _classify(
         return
     try:
         predictions = predictor.classify([(subject, source) for _, subject, source in pending])
-    except (RuntimeError, ValueError) as error:
+    except SCAN_FAILURES as error:
         if len(pending) > 1:
             for one in pending:
                 _classify(predictor, [one], results)
         else:
             index, _, source = pending[0]
-            results[index] = f"{source}: {first_line(error)}"
+            results[index] = failure_message(source, error)
     else:
         for (index, _, _), prediction in zip(pending, predictions):
             results[index] = prediction
@@ -376,10 +387,8 @@ def _predict_with_maps(
     for index, scan in enumerate(tqdm(scans, desc="infer", disable=not progress)):
         try:
             result: Prediction | str = predictor(scan, explain=True)
-        except VolumetricError as error:
-            result = str(error)
-        except (RuntimeError, ValueError) as error:  # e.g. out of memory on a huge scan
-            result = f"{scan}: {first_line(error)}"
+        except SCAN_FAILURES as error:
+            result = failure_message(scan, error)
         if isinstance(result, Prediction):
             _save_map(predictor, result, maps, names[index])
         results.append(result)

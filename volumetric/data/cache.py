@@ -175,6 +175,15 @@ class DiskCache:
         return torch.from_numpy(array.astype(np.float32))
 
 
+def disk_cache_for(
+    mode: str, root: str | Path | None, settings: dict[str, Any], in_channels: int
+) -> DiskCache | None:
+    """The DiskCache a data set of cache ``mode`` uses: one for ``disk``, None otherwise."""
+    if mode != "disk":
+        return None
+    return DiskCache.for_preprocessing(Path(root) if root else None, settings, in_channels)
+
+
 def entry_bytes(shape: tuple[int, ...], compact: bool) -> int:
     """Bytes of an entry of this (C, W, H, D) shape (the .npy header and .json besides)."""
     return int(np.prod(shape, dtype=np.int64)) * (2 if compact else 4) + 1024

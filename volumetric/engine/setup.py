@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from volumetric.config import Config
-from volumetric.data.cache import DiskCache
+from volumetric.data.cache import disk_cache_for
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices
 from volumetric.data.loading import available_cpus, loader_options, resolve_workers
@@ -252,9 +252,7 @@ def _dataset(
     """A data set of ``pairs`` with the run's preprocessing and cache."""
     t, channels = config.train, config.model.in_channels
     settings = preprocessing_settings(config)
-    disk = None
-    if t.cache == "disk":
-        disk = DiskCache.for_preprocessing(cache_dir, settings, channels)
+    disk = disk_cache_for(t.cache, cache_dir, settings, channels)
     preprocess = build_preprocessing(settings, config.model.patch_size)
     options = dict(cache=t.cache, disk_cache=disk, in_channels=channels, seed=t.seed)
     return ScanDataset(pairs, preprocess, augment=augment, **options)

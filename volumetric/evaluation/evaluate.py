@@ -9,7 +9,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from volumetric.atomic_files import atomic_write_csv, atomic_write_text
-from volumetric.data.cache import DiskCache
+from volumetric.data.cache import disk_cache_for
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices, discover
 from volumetric.data.loading import loader_options, resolve_workers
@@ -48,10 +48,7 @@ def evaluate_checkpoint(
     loaded = load_model(checkpoint, device=device, precision=precision)
     class_names = loaded.class_names
     pairs = class_indices(discover(data), class_names, data)
-    disk = None
-    if cache == "disk":
-        root = Path(cache_dir) if cache_dir else None
-        disk = DiskCache.for_preprocessing(root, loaded.settings, loaded.in_channels)
+    disk = disk_cache_for(cache, cache_dir, loaded.settings, loaded.in_channels)
     dataset = ScanDataset(
         pairs, loaded.preprocessing, cache=cache, disk_cache=disk, in_channels=loaded.in_channels
     )
