@@ -184,8 +184,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         configure_cpu_allocator(memory_saving=model.grad_checkpointing or model.memory_lean)
     result = train(
         config,
-        discover(args.data),
-        discover(args.val) if args.val else None,
+        discover(args.data, channels=config.data.channels),
+        discover(args.val, channels=config.data.channels) if args.val else None,
         args.output_dir,
         resume=args.resume,
         progress=not args.no_progress,
@@ -299,12 +299,9 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
-    from volumetric.data.discovery import find_scans
+    from volumetric.data.discovery import inference_inputs
     from volumetric.inference import Predictor, predict_to_csv
 
-    scans = find_scans(args.inputs)
-    if not scans:
-        raise VolumetricError(f"no scans found in {' '.join(args.inputs)}")
     if args.tta < 0:
         raise VolumetricError(
             f"--tta {args.tta}: the number of augmented passes must be 0 (off) or more"
@@ -320,6 +317,9 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
         seed=args.seed,
         map_steps=args.map_steps,
     )
+    scans = inference_inputs(args.inputs, channels=predictor.loaded.channels)
+    if not scans:
+        raise VolumetricError(f"no scans found in {' '.join(args.inputs)}")
     maps = Path(args.maps) if args.maps else None
     predictions = predict_to_csv(
         predictor,

@@ -64,6 +64,9 @@ class DataConfig:
         default_factory=lambda: [-1000.0, 1000.0]
     )  # HU, for intensity: ct
     canonical: bool = True  # reorient to RAS+
+    # a manifest's image columns, one per channel (e.g. [t1, t2, flair]): each image is resampled
+    # onto the first one's grid and stacked; None: one image per scan, the manifest's path column
+    channels: list[str] | None = None
     on_bad_scan: str = "error"  # error: refuse to train; skip: leave bad scans out, list them
 
 
@@ -148,6 +151,8 @@ class Config:
             raise ConfigError(
                 f"config train.num_workers={t.num_workers!r} must be auto or a count, 0 or more"
             )
+        if d.channels is not None:
+            _check_channels(d.channels, m.in_channels)
         if d.on_bad_scan not in BAD_SCAN_POLICIES:
             raise ConfigError(
                 f"config data.on_bad_scan={d.on_bad_scan!r} is not one of {BAD_SCAN_POLICIES}"
@@ -162,6 +167,20 @@ class Config:
                     f"config augment[{i}] must be one mapping {{TransformName: {{arguments}}}}, got {entry!r}"
                 )
         return self
+
+
+def _check_channels(channels: list[str], in_channels: int) -> None:
+    if not channels or len(set(channels)) != len(channels) or not all(c.strip() for c in channels):
+        raise ConfigError(
+            f"config data.channels={channels} must name distinct manifest columns, e.g. [t1, t2]"
+        )
+    if {"label", "group"} & set(channels):
+        raise ConfigError(f"config data.channels={channels}: label and group are not images")
+    if len(channels) != in_channels:
+        raise ConfigError(
+            f"config data.channels names {len(channels)} images but model.in_channels is "
+            f"{in_channels}; set model.in_channels: {len(channels)}"
+        )
 
 
 class _Loader(yaml.SafeLoader):

@@ -40,6 +40,7 @@ from volumetric.atomic_files import atomic_write_csv
 from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
 from volumetric.data.dataset import check_volume, preprocess_scan, read_scan
 from volumetric.data.loading import resolve_workers
+from volumetric.data.source import ScanSource
 from volumetric.device import autocast, autocast_dtype, resolve_device
 from volumetric.errors import VolumetricError, first_line
 from volumetric.evaluation.rows import PredictionTable, predicted_class
@@ -51,9 +52,10 @@ from volumetric.transforms.tta import build_tta
 
 log = logging.getLogger(__name__)
 
-Scan = str | Path | np.ndarray | torch.Tensor | tio.Image
-"""What `Predictor` classifies: a scan file or DICOM folder, a (W, H, D) or (C, W, H, D) array
-with its 4×4 voxel-to-world affine (RAS, mm), or a TorchIO image."""
+Scan = str | Path | ScanSource | np.ndarray | torch.Tensor | tio.Image
+"""What `Predictor` classifies: a scan file or DICOM folder, a `ScanSource` (e.g. one image per
+channel), a (W, H, D) or (C, W, H, D) array with its 4×4 voxel-to-world affine (RAS, mm), or a
+TorchIO image."""
 
 
 @dataclass
@@ -70,6 +72,11 @@ class LoadedModel:
     path: Path
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None: float32
+
+    @property
+    def channels(self) -> list[str] | None:
+        """The manifest columns the model reads its channels from (None: one image per scan)."""
+        return (self.config.get("data") or {}).get("channels")
 
     def preprocess(self, image: tio.Image, source: str | Path = "scan") -> tio.Subject:
         """The Subject whose ``image`` is the (C, W, H, D) float32 tensor the model takes."""
@@ -120,8 +127,9 @@ class Prediction:
 
 def as_image(scan: Scan, affine: np.ndarray | None = None) -> tuple[tio.ScalarImage, str]:
     """The scan as a checked, loaded TorchIO image, and a name for messages and CSV rows."""
-    if isinstance(scan, (str, Path)):
-        return read_scan(Path(scan)), str(scan)
+    if isinstance(scan, (str, Path, ScanSource)):
+        source = ScanSource.of(scan)
+        return read_scan(source), str(source)
     if isinstance(scan, tio.Image):
         source = str(scan.path) if scan.path is not None else "image"
         return check_volume(tio.ScalarImage(tensor=scan.data, affine=scan.affine), source), source
@@ -288,7 +296,7 @@ def failure_message(scan: str | Path, error: Exception) -> str:
 class _Prepared(Dataset):
     """Scan i read and preprocessed (in a DataLoader worker): its tensor and affine, or its error."""
 
-    def __init__(self, scans: list[Path], preprocessing: tio.Compose, in_channels: int):
+    def __init__(self, scans: list[ScanSource], preprocessing: tio.Compose, in_channels: int):
         self.scans, self.preprocessing, self.in_channels = scans, preprocessing, in_channels
 
     def __len__(self) -> int:
@@ -311,7 +319,7 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
 
 def predict_to_csv(
     predictor: Predictor,
-    scans: list[Path],
+    scans: list[ScanSource],
     output: Path,
     *,
     progress: bool = True,
@@ -378,7 +386,7 @@ def _classify(
 
 
 def _predict_with_maps(
-    predictor: Predictor, scans: list[Path], output: Path, maps: Path, progress: bool
+    predictor: Predictor, scans: list[ScanSource], output: Path, maps: Path, progress: bool
 ) -> list[Prediction | str]:
     """One scan at a time: the relevance map needs the scan as read, beside its prediction."""
     predictor.check_explainable()
@@ -397,7 +405,7 @@ def _predict_with_maps(
 
 
 def _write_csv(
-    predictor: Predictor, scans: list[Path], results: list[Prediction | str], output: Path
+    predictor: Predictor, scans: list[ScanSource], results: list[Prediction | str], output: Path
 ) -> None:
     rows = []
     for scan, result in zip(scans, results):

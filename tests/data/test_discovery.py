@@ -10,6 +10,7 @@ import pytest
 from conftest import write_scan
 
 from volumetric.data.discovery import class_indices, discover, find_scans
+from volumetric.data.source import Entry, ScanSource
 from volumetric.data.split import stratified_split
 from volumetric.errors import VolumetricError
 
@@ -36,14 +37,14 @@ def class_tree(tmp_path: Path) -> Path:
 
 def test_class_folder_discovery(class_tree):
     items = discover(class_tree)
-    relative = [(str(p.relative_to(class_tree)), label) for p, label in items]
+    relative = [(str(e.source.path.relative_to(class_tree)), e.label) for e in items]
     assert relative == [
         ("a_healthy/x.nii", "a_healthy"),
         ("b_lesion/a.nii", "b_lesion"),
         ("b_lesion/site2/deep/m.nii.gz", "b_lesion"),
         ("b_lesion/z.nii.gz", "b_lesion"),
     ]
-    assert all(p.is_file() for p, _ in items)
+    assert all(e.source.path.is_file() and e.group is None for e in items)
 
 
 def test_discovery_is_sorted_regardless_of_creation_order(tmp_path):
@@ -51,7 +52,7 @@ def test_discovery_is_sorted_regardless_of_creation_order(tmp_path):
     for name in ["c", "a", "b"]:
         touch_scan(root / "cls" / f"{name}.nii")
     touch_scan(root / "other" / "x.nii")
-    paths = [p.name for p, _ in discover(root)]
+    paths = [e.source.path.name for e in discover(root)]
     assert paths == ["a.nii", "b.nii", "c.nii", "x.nii"]
 
 
@@ -69,9 +70,9 @@ def test_discovery_errors(tmp_path):
 def test_find_scans_files_and_folders(class_tree):
     single = class_tree / "a_healthy" / "x.nii"
     found = find_scans([single, class_tree / "b_lesion", single])
-    assert found[0] == single
+    assert found[0] == ScanSource.of(single)
     assert len(found) == 4  # duplicates dropped
-    assert [p.name for p in found[1:]] == ["a.nii", "m.nii.gz", "z.nii.gz"]
+    assert [s.path.name for s in found[1:]] == ["a.nii", "m.nii.gz", "z.nii.gz"]
     with pytest.raises(VolumetricError, match="no such"):
         find_scans([class_tree / "nope.nii"])
 
@@ -81,7 +82,7 @@ def test_find_scans_dicom_series_folder(tmp_path):
     series.mkdir(parents=True)
     for i in range(3):
         (series / f"slice{i}.dcm").write_bytes(b"")
-    assert find_scans([tmp_path / "root"]) == [series]
+    assert find_scans([tmp_path / "root"]) == [ScanSource.of(series)]
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -100,8 +101,11 @@ def test_csv_manifest_relative_and_absolute_paths(tmp_path):
         tmp_path / "meta" / "list.csv", f"path,label,age\nscans/a.nii.gz,healthy,3\n{b},lesion,4\n"
     )
     items = discover(manifest)
-    assert items == [(tmp_path / "meta" / "scans" / "a.nii.gz", "healthy"), (b, "lesion")]
-    assert items[0][0].resolve() == a.resolve()
+    assert items == [
+        Entry(ScanSource.of(tmp_path / "meta" / "scans" / "a.nii.gz"), "healthy"),
+        Entry(ScanSource.of(b), "lesion"),
+    ]
+    assert items[0].source.path.resolve() == a.resolve()
 
 
 def test_csv_relative_paths_resolve_against_csv_folder_not_cwd(tmp_path, monkeypatch):
@@ -109,8 +113,8 @@ def test_csv_relative_paths_resolve_against_csv_folder_not_cwd(tmp_path, monkeyp
     touch_scan(tmp_path / "cwd" / "a.nii")  # a decoy beside the working directory
     manifest = write_manifest(tmp_path / "meta" / "list.csv", "path,label\na.nii,x\n")
     monkeypatch.chdir(tmp_path / "cwd")
-    ((path, label),) = discover(manifest)
-    assert path.resolve() == (tmp_path / "meta" / "a.nii").resolve()
+    ((source, label, _),) = discover(manifest)
+    assert source.path.resolve() == (tmp_path / "meta" / "a.nii").resolve()
     assert label == "x"
 
 
@@ -179,7 +183,8 @@ def test_split_zero_fraction_and_singletons():
 
 
 def test_class_indices():
-    items = [(Path("a"), "lesion"), (Path("b"), "healthy")]
-    assert class_indices(items, ["healthy", "lesion"], "src") == [(Path("a"), 1), (Path("b"), 0)]
+    a, b = ScanSource.of("a"), ScanSource.of("b")
+    items = [Entry(a, "lesion"), Entry(b, "healthy")]
+    assert class_indices(items, ["healthy", "lesion"], "src") == [(a, 1), (b, 0)]
     with pytest.raises(VolumetricError, match="tumour"):
-        class_indices([(Path("a"), "tumour")], ["healthy", "lesion"], "src")
+        class_indices([Entry(a, "tumour")], ["healthy", "lesion"], "src")

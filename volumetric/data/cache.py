@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from volumetric.atomic_files import atomic_path, atomic_write_text
+from volumetric.data.source import ScanSource
 from volumetric.errors import VolumetricError
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,16 @@ def scan_files(scan: Path) -> list[Path]:
     return files
 
 
-def file_identity(scan: Path) -> list[list[Any]]:
-    """[resolved path, size, modification time in ns] of every file of the scan."""
-    identity = []
-    for path in scan_files(scan):
-        stat = path.stat()
-        identity.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+def file_identity(scan: Path | ScanSource) -> list[list[Any]]:
+    """[resolved path, size, modification time in ns] of every file of every image of the scan,
+    and the series picked out of a DICOM folder where there is one."""
+    identity: list[list[Any]] = []
+    for image in ScanSource.of(scan).images:
+        if image.series_uid is not None:
+            identity.append(["series", image.series_uid])
+        for path in scan_files(image.path):
+            stat = path.stat()
+            identity.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
     return identity
 
 
@@ -122,13 +127,13 @@ class DiskCache:
         fingerprint = preprocessing_fingerprint(settings, in_channels)
         return cls(Path(root) if root else default_cache_dir(), fingerprint, compact)
 
-    def entry(self, scan: Path) -> Path:
+    def entry(self, scan: Path | ScanSource) -> Path:
         """The .npy path of ``scan``'s entry (its .json sits beside it)."""
         text = json.dumps([self.fingerprint, file_identity(scan)])
         key = hashlib.sha256(text.encode()).hexdigest()
         return self.root / "volumes" / key[:2] / f"{key}.npy"
 
-    def load(self, scan: Path) -> tuple[torch.Tensor, np.ndarray] | None:
+    def load(self, scan: Path | ScanSource) -> tuple[torch.Tensor, np.ndarray] | None:
         """(C, W, H, D) float32 volume and its affine, or None when not cached (or unreadable,
         with a warning: the caller rebuilds it). The volume is read through a memory map."""
         path = self.entry(scan)
@@ -149,7 +154,9 @@ class DiskCache:
             os.utime(record)  # to the hour: not a metadata write per item and epoch
         return data, affine
 
-    def store(self, scan: Path, data: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    def store(
+        self, scan: Path | ScanSource, data: torch.Tensor, affine: np.ndarray
+    ) -> torch.Tensor:
         """Write ``scan``'s preprocessed (C, W, H, D) volume atomically; returns it as stored
         (float16-rounded where compact), so that its first use equals every later one."""
         path = self.entry(scan)

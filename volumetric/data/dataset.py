@@ -19,6 +19,7 @@ import torchio as tio
 from torch.utils.data import Dataset
 
 from volumetric.data.cache import DiskCache
+from volumetric.data.source import ImageRef, ScanSource
 from volumetric.errors import VolumetricError, first_line
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,51 @@ def _read_nifti(path: Path) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(np.ascontiguousarray(data)), np.asarray(image.affine, dtype=np.float64)
 
 
-def read_scan(path: Path) -> tio.ScalarImage:
+def read_scan(scan: str | Path | ImageRef | ScanSource) -> tio.ScalarImage:
     """Read a scan through TorchIO (orientation and spacing honoured) and check that it is a usable
-    3D volume; every problem is a VolumetricError naming the file."""
-    path = Path(path)
+    3D volume; every problem is a VolumetricError naming the scan. The images of a scan of several
+    (one per channel) are resampled onto the first one's grid and stacked."""
+    source = ScanSource.of(scan)
+    first = read_image(source.images[0])
+    if len(source.images) == 1:
+        return first
+    channels = [first.data]  # each (C_i, W, H, D) on the first image's grid
+    for ref in source.images[1:]:
+        image = read_image(ref)
+        check_overlap(first, image, ref)
+        resample = tio.Resample((first.spatial_shape, first.affine))
+        channels.append(resample(image).data)
+    stacked = tio.ScalarImage(tensor=torch.cat(channels), affine=first.affine)
+    return check_volume(stacked, source)
+
+
+def check_overlap(reference: tio.Image, image: tio.Image, ref: ImageRef) -> None:
+    """A channel must cover at least half of the first channel's physical extent: anything less
+    is another body part or a mismatched file, not the same subject's scan."""
+    low, high = _world_box(reference)
+    other_low, other_high = _world_box(image)
+    inside = np.clip(np.minimum(high, other_high) - np.maximum(low, other_low), 0, None)
+    share = float(np.prod(inside) / max(np.prod(high - low), 1e-12))
+    if share < 0.5:
+        raise VolumetricError(
+            f"{ref}: covers {share:.0%} of the first channel's physical extent (at least 50% "
+            "is needed); is it the same subject and body part?"
+        )
+
+
+def _world_box(image: tio.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The axis-aligned box (mm, RAS) holding the image's voxel centres, each grown by half a
+    voxel: (low (3,), high (3,))."""
+    shape = np.asarray(image.spatial_shape, dtype=np.float64)
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij"))
+    corners = corners.reshape(3, -1)  # (3, 8) voxel coordinates
+    world = image.affine[:3, :3] @ corners + image.affine[:3, 3:4]  # (3, 8) mm
+    return world.min(axis=1), world.max(axis=1)
+
+
+def read_image(ref: ImageRef) -> tio.ScalarImage:
+    """One image of a scan (a file, or a DICOM series), loaded and checked."""
+    path = ref.path
     if not path.exists():
         raise VolumetricError(f"{path}: no such file or folder")
     if path.is_file():
@@ -105,7 +147,7 @@ def read_scan(path: Path) -> tio.ScalarImage:
         raise VolumetricError(
             f"{path}: cannot read scan: not an image file, or truncated{detail}"
         ) from None
-    return check_volume(image, path)
+    return check_volume(image, ref)
 
 
 def check_volume(image: tio.Image, source: str | Path) -> tio.Image:
@@ -122,13 +164,18 @@ def check_volume(image: tio.Image, source: str | Path) -> tio.Image:
     return image
 
 
-def load_subject(path: Path, preprocess: tio.Transform, in_channels: int = 1) -> tio.Subject:
+def load_subject(
+    scan: Path | ScanSource, preprocess: tio.Transform, in_channels: int = 1
+) -> tio.Subject:
     """Read and preprocess one scan into a Subject whose ``image`` is (C, W, H, D) float32."""
-    return preprocess_scan(path, read_scan(path), preprocess, in_channels)
+    return preprocess_scan(scan, read_scan(scan), preprocess, in_channels)
 
 
 def preprocess_scan(
-    path: Path, image: tio.ScalarImage, preprocess: tio.Transform, in_channels: int = 1
+    path: Path | ScanSource | str,
+    image: tio.ScalarImage,
+    preprocess: tio.Transform,
+    in_channels: int = 1,
 ) -> tio.Subject:
     """Preprocess ``image`` (as `read_scan` gave it for ``path``, left unchanged) into a Subject whose
     ``image`` is (C, W, H, D) float32; errors are VolumetricErrors naming ``path``."""
@@ -171,7 +218,7 @@ class ScanDataset(Dataset):
 
     def __init__(
         self,
-        items: list[tuple[Path, int]],
+        items: list[tuple[ScanSource, int]],
         preprocess: tio.Transform,
         *,
         augment: tio.Transform | None = None,

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from volumetric.data.cache import entry_bytes
 from volumetric.data.dataset import ScanDataset, check_header
+from volumetric.data.source import ScanSource
 from volumetric.errors import VolumetricError
 
 log = logging.getLogger(__name__)
@@ -45,28 +46,33 @@ class Header:
     channels: int
 
 
-def read_header(path: Path) -> Header | None:
-    """The header of a scan file (None for a folder, e.g. a DICOM series, or a header SimpleITK
-    cannot parse: the voxel pass checks those); VolumetricError when the file is refused from
-    its header."""
+def read_header(scan: Path | ScanSource) -> Header | None:
+    """What the headers of a scan's images say (the grid is the first image's): None when one of
+    them is a folder, e.g. a DICOM series, or a header SimpleITK cannot parse (the voxel pass
+    checks those); VolumetricError when a file is refused from its header."""
+    readers = []
+    for image in ScanSource.of(scan).images:
+        reader = None if image.path.is_dir() else check_header(image.path, strict=False)
+        if reader is None:  # SimpleITK cannot parse it: the voxel pass gives the reader's reason
+            return None
+        readers.append(reader)
+    first = readers[0]
+    return Header(
+        size=tuple(first.GetSize()),
+        spacing=tuple(round(s, 4) for s in first.GetSpacing()),
+        orientation=_orientation(first.GetDirection()),
+        channels=sum(reader.GetNumberOfComponents() for reader in readers),
+    )
+
+
+def _orientation(direction: tuple[float, ...]) -> str:
+    """Axis codes (e.g. RAS, LPS) of a direction matrix; '?' when it is not a 3D one."""
     import SimpleITK as sitk
 
-    if Path(path).is_dir():
-        return None
-    reader = check_header(Path(path), strict=False)
-    if reader is None:  # SimpleITK cannot parse it: the voxel pass gives the reader's reason
-        return None
-    direction = reader.GetDirection()
     try:
-        orientation = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(direction)
-    except RuntimeError:  # not a 3D direction matrix
-        orientation = "?"
-    return Header(
-        size=tuple(reader.GetSize()),
-        spacing=tuple(round(s, 4) for s in reader.GetSpacing()),
-        orientation=orientation,
-        channels=reader.GetNumberOfComponents(),
-    )
+        return sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(direction)
+    except RuntimeError:
+        return "?"
 
 
 def resampled_size(header: Header, spacing: float | list[float] | None) -> tuple[int, ...]:
@@ -182,14 +188,14 @@ def check_cache_space(
         )
 
 
-def _header_or_problem(path: Path) -> Header | None | str:
+def _header_or_problem(path: ScanSource) -> Header | None | str:
     try:
         return read_header(path)
     except VolumetricError as error:
         return str(error)
 
 
-def _too_small(header: Header, path: Path, patch: tuple[int, int, int], spacing) -> str:
+def _too_small(header: Header, path: ScanSource, patch: tuple[int, int, int], spacing) -> str:
     size = resampled_size(header, spacing)
     if sum(n > 1 for n in header.size[:3]) < 3 or len(header.size) < 3:
         return f"{path}: a {'×'.join(map(str, header.size))} image is not a 3D volume"
@@ -202,7 +208,10 @@ def _too_small(header: Header, path: Path, patch: tuple[int, int, int], spacing)
 
 
 def summarize(
-    preflight: Preflight, items: list[tuple[Path, int]], class_names: list[str], role: list[str]
+    preflight: Preflight,
+    items: list[tuple[ScanSource, int]],
+    class_names: list[str],
+    role: list[str],
 ) -> dict[str, Any]:
     """dataset_summary.json: scans per class and role, and the ranges of what headers say."""
     good = [i for i in range(len(items)) if i not in preflight.problems]

@@ -30,6 +30,7 @@ from volumetric.data.discovery import class_indices
 from volumetric.data.loading import available_cpus, loader_options, resolve_workers
 from volumetric.data.preflight import screen
 from volumetric.data.sampler import EpochKeys, EpochSampler, strided_shard
+from volumetric.data.source import Entry, ScanSource
 from volumetric.data.split import stratified_split
 from volumetric.device import autocast, autocast_dtype
 from volumetric.engine.distributed import World, all_gather_objects
@@ -98,8 +99,9 @@ class Run:
 
 def preprocessing_settings(config: Config) -> dict[str, Any]:
     """What a checkpoint must carry to preprocess a scan exactly as in training (the data section
-    less what decides which scans train, not how one is preprocessed)."""
-    data = {k: v for k, v in asdict(config.data).items() if k != "on_bad_scan"}
+    less what decides which scans train and which files make a scan, not how one is
+    preprocessed; the checkpoint's config keeps those)."""
+    data = {k: v for k, v in asdict(config.data).items() if k not in ("on_bad_scan", "channels")}
     return {**data, "patch_size": config.model.patch_size}
 
 
@@ -111,8 +113,8 @@ def seed_everything(seed: int) -> None:
 
 def set_up(
     config: Config,
-    train_items: list[tuple[Path, str]],
-    val_items: list[tuple[Path, str]] | None,
+    train_items: list[Entry],
+    val_items: list[Entry] | None,
     output_dir: Path,
     world: World,
     device: torch.device,
@@ -174,12 +176,12 @@ def _check_run_folder(output_dir: Path, resume: bool) -> None:
 
 
 def split_data(
-    config: Config, train_items: list[tuple[Path, str]], val_items: list[tuple[Path, str]] | None
-) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
+    config: Config, train_items: list[Entry], val_items: list[Entry] | None
+) -> tuple[list[str], list[tuple[ScanSource, int]], list[tuple[ScanSource, int]]]:
     """Class names (sorted), training and validation (path, class index) pairs; without
     ``val_items``, a seeded stratified split of the training items."""
     t = config.train
-    class_names = sorted({label for _, label in train_items})
+    class_names = sorted({item.label for item in train_items})
     if len(class_names) < 2:
         raise VolumetricError(
             f"training data has {len(class_names)} class ({class_names}); at least 2 are needed"

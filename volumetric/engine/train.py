@@ -37,6 +37,7 @@ from volumetric.atomic_files import atomic_write_csv, atomic_write_text
 from volumetric.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.config import Config, save_config
 from volumetric.data.loading import batches
+from volumetric.data.source import Entry
 from volumetric.engine.distributed import (
     World,
     all_gather,
@@ -103,8 +104,8 @@ class EpochProgress:
 
 def train(
     config: Config,
-    train_items: list[tuple[Path, str]],
-    val_items: list[tuple[Path, str]] | None,
+    train_items: list[Entry],
+    val_items: list[Entry] | None,
     output_dir: str | Path,
     *,
     resume: bool = False,

@@ -47,7 +47,7 @@ def evaluate_checkpoint(
     """
     loaded = load_model(checkpoint, device=device, precision=precision)
     class_names = loaded.class_names
-    pairs = class_indices(discover(data), class_names, data)
+    pairs = class_indices(discover(data, channels=loaded.channels), class_names, data)
     disk = disk_cache_for(cache, cache_dir, loaded.settings, loaded.in_channels)
     dataset = ScanDataset(
         pairs, loaded.preprocessing, cache=cache, disk_cache=disk, in_channels=loaded.in_channels

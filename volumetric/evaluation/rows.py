@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from volumetric.data.source import ScanSource
+
 
 def predicted_class(probs: Sequence[float]) -> int:
     """Index of the highest probability (the first on a tie)."""
@@ -44,7 +46,7 @@ class PredictionTable:
 
     def row(
         self,
-        path: str | Path,
+        path: str | Path | ScanSource,
         probs: Sequence[float] = (),
         *,
         label: int | None = None,
@@ -53,6 +55,7 @@ class PredictionTable:
     ) -> list[str]:
         """One row; a failed scan (``error``) has empty prediction and probability cells."""
         names = self.class_names
+        path = path.path if isinstance(path, ScanSource) else path  # a scan's first image
         truth = [names[label] if label is not None else ""] if self.labelled else []
         if error:
             empty = [""] * (len(names) * (2 if self.with_std else 1))

@@ -17,22 +17,24 @@ import numpy as np
 
 from volumetric.atomic_files import atomic_write_bytes
 from volumetric.data.discovery import SCAN_SUFFIXES
+from volumetric.data.source import ScanSource
 from volumetric.explain.montage import save_montage
 from volumetric.explain.relevance import RelevanceMap
 
 log = logging.getLogger(__name__)
 
 
-def scan_name(scan: Path) -> str:
-    """The file name without its scan extension (``a.nii.gz`` → ``a``); a DICOM folder's name as is."""
-    name = Path(scan).name
+def scan_name(scan: Path | ScanSource) -> str:
+    """The file name without its scan extension (``a.nii.gz`` → ``a``); a DICOM folder's name as is;
+    a scan of several images, its first one's."""
+    name = ScanSource.of(scan).path.name
     for suffix in SCAN_SUFFIXES:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
 
 
-def map_names(scans: list[Path]) -> list[str]:
+def map_names(scans: list[Path] | list[ScanSource]) -> list[str]:
     """One unique base name per scan: its `scan_name`, with ``_2``, ``_3``, ... for repeats."""
     seen: Counter[str] = Counter()
     taken = {scan_name(s) for s in scans}
