@@ -51,7 +51,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # not the locale's: GDCM may set it to C
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -4,7 +4,8 @@
     Predictor("best.pt")(scan)     one scan (a path, a numpy array with its affine, or a TorchIO
                                    image) → a Prediction; raises VolumetricError on a bad scan
     predict_to_csv(...)            many scans → one CSV row each; a scan that fails gets a row
-                                   with its error and the others are unaffected (volumetric-infer)
+                                   with its error and the others are unaffected, and so does an
+                                   input that gave no scan (volumetric-infer)
 
 Everything comes from the checkpoint: the model, its classes and the preprocessing. Scans of any
 size run (the position embedding follows the token grid).
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from volumetric.atomic_files import atomic_write_csv
 from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
 from volumetric.data.dataset import check_volume, preprocess_scan, read_scan
+from volumetric.data.discovery import Unusable
 from volumetric.data.loading import resolve_workers
 from volumetric.data.source import ScanSource
 from volumetric.device import autocast, autocast_dtype, resolve_device
@@ -296,7 +298,9 @@ def failure_message(scan: str | Path, error: Exception) -> str:
 class _Prepared(Dataset):
     """Scan i read and preprocessed (in a DataLoader worker): its tensor and affine, or its error."""
 
-    def __init__(self, scans: list[ScanSource], preprocessing: tio.Compose, in_channels: int):
+    def __init__(
+        self, scans: list[ScanSource | Unusable], preprocessing: tio.Compose, in_channels: int
+    ):
         self.scans, self.preprocessing, self.in_channels = scans, preprocessing, in_channels
 
     def __len__(self) -> int:
@@ -304,6 +308,8 @@ class _Prepared(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scan = self.scans[index]
+        if isinstance(scan, Unusable):
+            return {"index": index, "error": scan.error}
         try:
             original, source = as_image(scan)
             subject = preprocess_scan(source, original, self.preprocessing, self.in_channels)
@@ -319,7 +325,7 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
 
 def predict_to_csv(
     predictor: Predictor,
-    scans: list[ScanSource],
+    scans: list[ScanSource | Unusable],
     output: Path,
     *,
     progress: bool = True,
@@ -328,7 +334,8 @@ def predict_to_csv(
     batch_size: int = 8,
 ) -> list[Prediction | str]:
     """Classify every scan and write the CSV atomically; returns, per scan, its Prediction or
-    its error message.
+    its error message. ``scans`` as `inference_inputs` gives them: an `Unusable` input (one that
+    gave no scan) gets the row of a failed scan, with its error, in its place.
 
     ``num_workers`` processes read and preprocess scans ahead of the model, and consecutive scans
     of one shape go through it ``batch_size`` at a time. With ``maps``, each scan is explained in
@@ -386,15 +393,21 @@ def _classify(
 
 
 def _predict_with_maps(
-    predictor: Predictor, scans: list[ScanSource], output: Path, maps: Path, progress: bool
+    predictor: Predictor,
+    scans: list[ScanSource | Unusable],
+    output: Path,
+    maps: Path,
+    progress: bool,
 ) -> list[Prediction | str]:
     """One scan at a time: the relevance map needs the scan as read, beside its prediction."""
     predictor.check_explainable()
-    names = map_names(scans)
+    usable = [i for i, scan in enumerate(scans) if not isinstance(scan, Unusable)]
+    names = dict(zip(usable, map_names([scans[i] for i in usable])))  # index → map name
     results: list[Prediction | str] = []
     for index, scan in enumerate(tqdm(scans, desc="infer", disable=not progress)):
         try:
-            result: Prediction | str = predictor(scan, explain=True)
+            unusable = isinstance(scan, Unusable)
+            result: Prediction | str = scan.error if unusable else predictor(scan, explain=True)
         except SCAN_FAILURES as error:
             result = failure_message(scan, error)
         if isinstance(result, Prediction):
@@ -404,11 +417,19 @@ def _predict_with_maps(
     return results
 
 
+def _source(scan: ScanSource | Unusable | str | Path) -> ScanSource | str | Path:
+    """What names a row: the scan, or the input that gave none."""
+    return scan.source if isinstance(scan, Unusable) else scan
+
+
 def _write_csv(
-    predictor: Predictor, scans: list[ScanSource], results: list[Prediction | str], output: Path
+    predictor: Predictor,
+    scans: list[ScanSource | Unusable],
+    results: list[Prediction | str],
+    output: Path,
 ) -> None:
     rows = []
-    for scan, result in zip(scans, results):
+    for scan, result in zip(map(_source, scans), results):
         if isinstance(result, str):
             log.error("%s", result)
             rows.append(predictor.table.row(scan, error=result))

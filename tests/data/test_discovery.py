@@ -1,8 +1,7 @@
-"""Data discovery (class folders, CSV manifests), stratified splitting and class indices."""
+"""Data discovery (class folders, CSV manifests) and class indices (the split: test_split.py)."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ from conftest import write_scan
 
 from volumetric.data.discovery import class_indices, discover, find_scans
 from volumetric.data.source import Entry, ScanSource
-from volumetric.data.split import stratified_split
 from volumetric.errors import VolumetricError
 
 
@@ -77,12 +75,14 @@ def test_find_scans_files_and_folders(class_tree):
         find_scans([class_tree / "nope.nii"])
 
 
-def test_find_scans_dicom_series_folder(tmp_path):
-    series = tmp_path / "root" / "patient1"
-    series.mkdir(parents=True)
+def test_find_scans_dicom_series_by_content_not_suffix(tmp_path):
+    """A folder is a DICOM series when GDCM finds one in its files' headers (real series:
+    tests/data/test_dicom.py), not when its files end in .dcm."""
+    fake = tmp_path / "root" / "patient1"
+    fake.mkdir(parents=True)
     for i in range(3):
-        (series / f"slice{i}.dcm").write_bytes(b"")
-    assert find_scans([tmp_path / "root"]) == [ScanSource.of(series)]
+        (fake / f"slice{i}.dcm").write_bytes(b"not DICOM")
+    assert find_scans([tmp_path / "root"]) == []
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -147,39 +147,6 @@ def test_csv_empty_label_raises(tmp_path):
     touch_scan(tmp_path / "a.nii")
     with pytest.raises(VolumetricError, match="empty"):
         discover(write_manifest(tmp_path / "m.csv", "path,label\na.nii,\n"))
-
-
-# --------------------------------------------------------------------------------------------- split
-
-
-LABELS = [0] * 10 + [1] * 7 + [2] * 3
-
-
-def test_split_is_seeded():
-    assert stratified_split(LABELS, 0.3, seed=1) == stratified_split(LABELS, 0.3, seed=1)
-    splits = {tuple(stratified_split(LABELS, 0.3, seed=s)[1]) for s in range(6)}
-    assert len(splits) > 1
-
-
-@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5, 0.9])
-@pytest.mark.parametrize("seed", [0, 3])
-def test_split_disjoint_covering_stratified(fraction, seed):
-    train, val = stratified_split(LABELS, fraction, seed)
-    assert not set(train) & set(val)
-    assert sorted(train + val) == list(range(len(LABELS)))
-    assert train == sorted(train) and val == sorted(val)
-    counts, val_counts = Counter(LABELS), Counter(LABELS[i] for i in val)
-    for label, total in counts.items():
-        assert 1 <= val_counts[label] <= total - 1  # every class in both parts
-        assert abs(val_counts[label] - total * fraction) <= 1
-
-
-def test_split_zero_fraction_and_singletons():
-    train, val = stratified_split([0, 0, 1], 0.0, seed=0)
-    assert val == [] and train == [0, 1, 2]
-    train, val = stratified_split([0, 0, 0, 0, 1], 0.2, seed=0)
-    assert 4 in train  # a class with one sample stays in training at the default fraction
-    assert len([i for i in val if i < 4]) == 1  # at least one of a class with two or more
 
 
 def test_class_indices():

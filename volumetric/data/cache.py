@@ -6,7 +6,7 @@ An entry is one preprocessed scan, stored as two files under the cache folder:
     volumes/<key[:2]>/<key>.json    its affine, dtype, shape, source path and creation time
 
 ``key`` hashes the identity of every file the scan is made of (resolved path, size, modification
-time: every file of a DICOM series folder, the data file beside a detached header) together with
+time: every file of a DICOM series, the data file beside a detached header) together with
 a fingerprint of the preprocessing (the settings a checkpoint records, the number of channels, the
 TorchIO, SimpleITK and nibabel versions, and this cache's own format version). A changed file or a
 changed setting gives another key: the old entry is never read again (``volumetric-cache clear
@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from volumetric.atomic_files import atomic_path, atomic_write_text
-from volumetric.data.source import ScanSource
+from volumetric.data.dicom import series_files
+from volumetric.data.source import ImageRef, ScanSource
 from volumetric.errors import VolumetricError
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "volumetric"
 
 
-def scan_files(scan: Path) -> list[Path]:
-    """Every file a scan is made of: the files of a series folder, or the file itself and, for a
-    detached header (.mhd, .nhdr, Analyze .hdr), the data files beside it with the same stem."""
-    scan = Path(scan)
+def scan_files(image: Path | ImageRef) -> list[Path]:
+    """Every file an image is made of: the files of its series when it names one, else those of a
+    series folder, or the file itself and, for a detached header (.mhd, .nhdr, Analyze .hdr), the
+    data files beside it with the same stem."""
+    if isinstance(image, ImageRef) and image.series_uid is not None:
+        files = series_files(image.path, image.series_uid)
+        if files:  # else gone: the whole folder makes a new key, and reading it says what is amiss
+            return sorted(files)
+    scan = Path(image.path if isinstance(image, ImageRef) else image)
     if scan.is_dir():
         return sorted(p for p in scan.iterdir() if p.is_file() and not p.name.startswith("."))
     files = [scan]
@@ -88,7 +94,7 @@ def file_identity(scan: Path | ScanSource) -> list[list[Any]]:
     for image in ScanSource.of(scan).images:
         if image.series_uid is not None:
             identity.append(["series", image.series_uid])
-        for path in scan_files(image.path):
+        for path in scan_files(image):
             stat = path.stat()
             identity.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
     return identity

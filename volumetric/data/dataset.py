@@ -19,6 +19,7 @@ import torchio as tio
 from torch.utils.data import Dataset
 
 from volumetric.data.cache import DiskCache
+from volumetric.data.dicom import read_series
 from volumetric.data.source import ImageRef, ScanSource
 from volumetric.errors import VolumetricError, first_line
 
@@ -124,13 +125,15 @@ def _world_box(image: tio.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_image(ref: ImageRef) -> tio.ScalarImage:
-    """One image of a scan (a file, or a DICOM series), loaded and checked."""
+    """One image of a scan (a file, or a DICOM series: a folder and its series), loaded and
+    checked."""
     path = ref.path
     if not path.exists():
         raise VolumetricError(f"{path}: no such file or folder")
-    if path.is_file():
-        check_header(path, strict=False)  # SimpleITK may not parse it: the readers below say why
-    nifti = path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+    if path.is_dir():
+        return check_volume(read_series(path, ref.series_uid, str(ref)), ref)
+    check_header(path, strict=False)  # SimpleITK may not parse it: the readers below say why
+    nifti = path.name.lower().endswith(NIFTI_SUFFIXES)
     image = tio.ScalarImage(path, reader=_read_nifti) if nifti else tio.ScalarImage(path)
     try:
         # TorchIO warns before falling back from SimpleITK to nibabel

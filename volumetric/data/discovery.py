@@ -4,8 +4,10 @@
     manifest.csv                       one row per scan: path,label[,group]; relative paths resolve
                                        against the CSV's folder
 
-Any format SimpleITK reads counts as a scan: NIfTI, NRRD, MetaImage, and a folder holding a DICOM
-series (its files make up one scan).
+Any format SimpleITK reads counts as a scan: NIfTI, NRRD, MetaImage, and DICOM series: a folder
+holding DICOM files, whatever they are called (IM0001, ... as PACS exports them), gives one scan
+per series that is a 3D volume; localizers and other series that are not are left out with a
+warning (volumetric/data/dicom.py).
 
 A manifest's columns:
 
@@ -18,11 +20,16 @@ A manifest's columns:
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from volumetric.data.source import Entry, ScanSource
+from volumetric.data.dicom import series_problem, series_uids
+from volumetric.data.source import Entry, ImageRef, ScanSource
 from volumetric.errors import VolumetricError
+
+log = logging.getLogger(__name__)
 
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -35,42 +42,104 @@ def is_scan_file(path: Path) -> bool:
     )
 
 
-def is_dicom_series(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
-
-
 def find_scans(inputs: Sequence[str | Path]) -> list[ScanSource]:
-    """Scans named directly, or found recursively in folders (sorted, without duplicates)."""
-    scans: list[Path] = []
+    """Scans named directly, or found recursively in folders (sorted, without duplicates).
+
+    A file named is a scan, whatever it holds (reading it says what is amiss). A folder is
+    searched, itself included: scan files, and one scan per DICOM series (`dicom_scans`); series
+    that are not 3D volumes are left out with a warning, unless nothing else is found in a folder
+    named: then they are its scans, and reading each says why it cannot be used."""
+    scans: list[ScanSource] = []
     for item in map(Path, inputs):
         if not item.exists():
             raise VolumetricError(f"{item}: no such file or folder")
-        if item.is_file() or is_dicom_series(item):
-            scans.append(item)
+        scans += [ScanSource.of(item)] if item.is_file() else _named_folder(item)
+    return list(dict.fromkeys(scans))
+
+
+def _named_folder(folder: Path) -> list[ScanSource]:
+    """A folder's scans; its non-volume series are warned about and left out, unless they are all
+    it holds."""
+    found, refused = search_folder(folder)
+    if not found:
+        return [source for source, _ in refused]
+    for source, problem in refused:
+        log.warning("%s: %s; left out", source.path, problem)
+    return found
+
+
+def search_folder(folder: Path) -> tuple[list[ScanSource], list[tuple[ScanSource, str]]]:
+    """The scans in ``folder`` and its sub-folders (hidden ones skipped), in path order, and the
+    DICOM series that are not 3D volumes with why."""
+    found: list[ScanSource] = []
+    refused: list[tuple[ScanSource, str]] = []
+    for path in [folder, *sorted(folder.rglob("*"))]:
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
-        for path in sorted(item.rglob("*")):
-            if any(part.startswith(".") for part in path.relative_to(item).parts):
-                continue
-            if is_scan_file(path) or is_dicom_series(path):
-                scans.append(path)
-    return [ScanSource.of(path) for path in dict.fromkeys(scans)]
+        if is_scan_file(path):
+            found.append(ScanSource.of(path))
+        elif path.is_dir() and _may_hold_dicom(path):
+            volumes, others = dicom_scans(path)
+            found += volumes
+            refused += others
+    return found, refused
+
+
+def _may_hold_dicom(folder: Path) -> bool:
+    """Whether ``folder`` holds files other than known scan files: only those can be DICOM, and
+    only such folders are worth GDCM's look at every file's header."""
+    return any(
+        p.is_file() and not p.name.startswith(".") and not is_scan_file(p) for p in folder.iterdir()
+    )
+
+
+def dicom_scans(folder: Path) -> tuple[list[ScanSource], list[tuple[ScanSource, str]]]:
+    """One scan per DICOM series in ``folder`` (which series: its SeriesInstanceUID, given only
+    when the folder holds several, so that a folder of one series is just the folder), split into
+    3D volumes and the series that are not, with why (volumetric/data/dicom.py)."""
+    uids = series_uids(folder)
+    volumes, refused = [], []
+    for uid in uids:
+        source = ScanSource.of(ImageRef(folder, uid if len(uids) > 1 else None))
+        problem = series_problem(folder, uid)
+        if problem:
+            refused.append((source, f"DICOM series {uid} is not a 3D volume: {problem}"))
+        else:
+            volumes.append(source)
+    return volumes, refused
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """An input named for inference that gives no scan to classify (a missing path, a folder
+    without scans), and why: it gets an error row of its own in the predictions."""
+
+    source: ScanSource
+    error: str
 
 
 def inference_inputs(
     inputs: Sequence[str | Path], *, channels: Sequence[str] | None = None
-) -> list[ScanSource]:
-    """The scans to classify: a .csv input is a manifest (its label column optional, its image
-    columns ``channels``), anything else a scan or a folder searched for scans."""
-    scans: list[ScanSource] = []
-    for item in inputs:
-        if Path(item).suffix.lower() == ".csv" and Path(item).is_file():
-            scans += [
-                entry.source
-                for entry in read_manifest(Path(item), channels=channels, labelled=False)
-            ]
+) -> list[ScanSource | Unusable]:
+    """The scans to classify, in the order of ``inputs``: a .csv input is a manifest (its label
+    column optional, its image columns ``channels``), anything else a scan or a folder searched for
+    scans. Every input gives at least one item: its scans, or an `Unusable` saying why there are
+    none."""
+    items: list[ScanSource | Unusable] = []
+    for item in map(Path, inputs):
+        if item.suffix.lower() == ".csv" and item.is_file():
+            entries = read_manifest(item, channels=channels, labelled=False)
+            items += [entry.source for entry in entries]
+        elif not item.exists():
+            items.append(Unusable(ScanSource.of(item), f"{item}: no such file or folder"))
         else:
-            scans += find_scans([item])
-    return list(dict.fromkeys(scans))
+            items += find_scans([item]) or [Unusable(ScanSource.of(item), _no_scans(item))]
+    return list(dict.fromkeys(items))
+
+
+def _no_scans(folder: Path) -> str:
+    suffixes = ", ".join(SCAN_SUFFIXES)
+    return f"{folder}: no scans found in this folder (scan files {suffixes}, or DICOM series)"
 
 
 def discover(
@@ -124,7 +193,8 @@ def read_manifest(
 
 def _manifest_rows(path: Path, required: list[str]) -> list[dict[str, str]]:
     try:
-        with path.open(newline="") as handle:
+        # utf-8-sig: spreadsheet programs start a CSV with a byte-order mark
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise VolumetricError(f"{path}: cannot read manifest ({error})") from None

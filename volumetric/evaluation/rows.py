@@ -2,9 +2,10 @@
 
 ``volumetric-infer`` and ``volumetric-evaluate`` both write tables of this shape:
 
-    path[, label], prediction, prob_<class>...[, prob_std_<class>...][, error]
+    path, series_uid[, label], prediction, prob_<class>...[, prob_std_<class>...][, error]
 
-``label`` when the truth is known (evaluation), ``prob_std_`` with test-time augmentation,
+``series_uid`` is the SeriesInstanceUID of a DICOM series picked out of a folder of several (the
+scans of one folder share its ``path``), empty for every other scan; ``label`` when the truth is known (evaluation), ``prob_std_`` with test-time augmentation,
 ``error`` where a scan may fail without stopping the others (inference). Probabilities are
 written with six decimals; the prediction is the class of the highest probability (the first
 such class on a tie).
@@ -37,6 +38,7 @@ class PredictionTable:
         names = self.class_names
         return [
             "path",
+            "series_uid",
             *(["label"] if self.labelled else []),
             "prediction",
             *(f"prob_{name}" for name in names),
@@ -55,14 +57,16 @@ class PredictionTable:
     ) -> list[str]:
         """One row; a failed scan (``error``) has empty prediction and probability cells."""
         names = self.class_names
-        path = path.path if isinstance(path, ScanSource) else path  # a scan's first image
+        scan = (
+            [str(path.path), path.series_uid] if isinstance(path, ScanSource) else [str(path), ""]
+        )
         truth = [names[label] if label is not None else ""] if self.labelled else []
         if error:
             empty = [""] * (len(names) * (2 if self.with_std else 1))
-            return [str(path), *truth, "", *empty, *([error] if self.with_error else [])]
+            return [*scan, *truth, "", *empty, *([error] if self.with_error else [])]
         std = [f"{s:.6f}" for s in probs_std] if self.with_std else []
         return [
-            str(path),
+            *scan,
             *truth,
             names[predicted_class(probs)],
             *(f"{p:.6f}" for p in probs),

@@ -1,8 +1,10 @@
 """Relevance maps on disk: DIR/<scan name>_relevance.nii.gz and DIR/<scan name>_relevance.png.
 
 The NIfTI file has the input scan's shape and affine (so it overlays the scan in any viewer); the
-PNG is the montage of `volumetric.explain.montage`. Two scans with the same name (from different
-folders) get ``<name>_2``, ``<name>_3``, ... in the order they are given, with a warning.
+PNG is the montage of `volumetric.explain.montage`. A DICOM series picked out of a folder of
+several is named after the folder and the end of its SeriesInstanceUID (``<folder>_<uid end>``),
+so that the series of one folder get maps of their own. Two scans with the same name (from
+different folders) get ``<name>_2``, ``<name>_3``, ... in the order they are given, with a warning.
 """
 
 from __future__ import annotations
@@ -24,10 +26,20 @@ from volumetric.explain.relevance import RelevanceMap
 log = logging.getLogger(__name__)
 
 
+UID_END = 8
+"""Digits of a SeriesInstanceUID kept in a map's name: UIDs of one study share a long prefix and,
+from some vendors, a constant suffix such as .0.0.0; their last 8 digits (dots dropped) usually
+tell them apart (a clash left over gets the _2 of two scans of one name, with its warning)."""
+
+
 def scan_name(scan: Path | ScanSource) -> str:
-    """The file name without its scan extension (``a.nii.gz`` → ``a``); a DICOM folder's name as is;
-    a scan of several images, its first one's."""
-    name = ScanSource.of(scan).path.name
+    """The file name without its scan extension (``a.nii.gz`` → ``a``); a DICOM folder's name as is,
+    with the end of the series' UID when it is one of several (``study_12345678``); a scan of
+    several images, its first one's."""
+    source = ScanSource.of(scan)
+    name = source.path.name
+    if source.series_uid:
+        return f"{name}_{source.series_uid.replace('.', '')[-UID_END:]}"
     for suffix in SCAN_SUFFIXES:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
