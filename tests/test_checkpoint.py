@@ -110,8 +110,11 @@ def test_version_1_file_is_upgraded_when_read():
     raw = torch.load(V1 / "best.pt", weights_only=True)
     assert raw["format_version"] == 1 and "optimizer" in raw  # what the fixture really holds
     state = load_checkpoint(V1 / "best.pt")
-    assert state["format_version"] == FORMAT_VERSION == 2
+    assert state["format_version"] == FORMAT_VERSION == 3
     assert state["arch"] == "vit3d" and "arch" not in state["model_args"]
+    # "seqnorm" meant Q and K normalized then: that form is seqnorm_qk now
+    assert raw["model_args"]["attention"] == "seqnorm"
+    assert state["model_args"]["attention"] == state["config"]["model"]["attention"] == "seqnorm_qk"
     assert "optimizer" not in state and "optimizer" in state["training"]
     VolumeTransformer(**state["model_args"])  # exactly the constructor's arguments
     assert state["metrics"]["epoch"] == state["epoch"]
@@ -145,3 +148,83 @@ def test_best_holds_no_optimizer_and_last_resumes(tmp_path):
     best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
     assert "training" not in best and "optimizer" not in best
     assert last["training"]["step"] == 7 and best["epoch"] == last["epoch"] == 3
+
+
+def format_2_checkpoint(path: Path, model_args: dict, model: torch.nn.Module, **extra) -> Path:
+    """A best.pt as format version 2 wrote it: arch beside model_args, no training state."""
+    content = {
+        "format": "volumetric-checkpoint",
+        "format_version": 2,
+        "volumetric_version": "0.2.0",
+        "arch": "vit3d",
+        "model_args": model_args,
+        "class_names": ["healthy", "lesion"],
+        "preprocessing": {"patch_size": 4},
+        "config": {"model": {k: v for k, v in model_args.items() if k != "num_classes"}},
+        "model": model.state_dict(),
+        "epoch": 1,
+        "metrics": {},
+        **extra,
+    }
+    torch.save(content, path)
+    return path
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["seqnorm", "default"])
+def test_version_2_seqnorm_loads_as_seqnorm_qk_and_predicts_as_before(named, tmp_path):
+    """Format 2 files saying attention "seqnorm" (or nothing, the default) hold a model whose
+    attention normalized Q and K only: they load as seqnorm_qk and give the same probabilities,
+    bit for bit, as that model gave before saving."""
+    torch.manual_seed(7)
+    args = {**MODEL_ARGS, "depth": 2, "pool": "max"}
+    before = VolumeTransformer(**args, attention="seqnorm_qk").eval()  # the format-2 "seqnorm"
+    with torch.no_grad():  # probabilities away from 0.5: a changed attention would show
+        before.head.weight.mul_(20.0)
+    saved_args = {**args, "attention": "seqnorm"} if named else dict(args)
+    path = format_2_checkpoint(tmp_path / "best.pt", saved_args, before)
+    x = torch.randn(3, 1, 16, 12, 8)
+    with torch.no_grad():
+        expected = before(x).softmax(-1)
+
+    state = load_checkpoint(path)
+    assert state["format_version"] == 3
+    assert state["model_args"]["attention"] == "seqnorm_qk"
+    if named:  # the resolved config of the run says the same
+        assert state["config"]["model"]["attention"] == "seqnorm_qk"
+    model = model_from_checkpoint(state, path)
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    assert torch.equal(probs, expected)
+    # not vacuous: the same weights under today's seqnorm (V normalized too) predict otherwise
+    today = VolumeTransformer(**args, attention="seqnorm").eval()
+    today.load_state_dict(state["model"])
+    with torch.no_grad():
+        assert not torch.allclose(today(x).softmax(-1), expected, atol=1e-4)
+
+
+def test_version_2_other_attention_kinds_are_kept(tmp_path):
+    model = VolumeTransformer(**MODEL_ARGS, attention="softmax")
+    path = format_2_checkpoint(tmp_path / "best.pt", {**MODEL_ARGS, "attention": "softmax"}, model)
+    state = load_checkpoint(path)
+    assert state["model_args"]["attention"] == state["config"]["model"]["attention"] == "softmax"
+    model_from_checkpoint(state, path)
+
+
+def test_new_checkpoints_keep_seqnorm_and_the_affine(tmp_path):
+    """Format 3 files are not upgraded: seqnorm stays the Q, K, V form, with its affine."""
+    args = {**MODEL_ARGS, "attention": "seqnorm", "seqnorm_affine": True}
+    model = VolumeTransformer(**args)
+    save_checkpoint(
+        tmp_path / "a.pt",
+        model=model,
+        model_args=args,
+        class_names=["a", "b"],
+        preprocessing={"patch_size": 4},
+        config={"model": {"attention": "seqnorm", "seqnorm_affine": True}},
+    )
+    state = load_checkpoint(tmp_path / "a.pt")
+    assert state["model_args"] == args and state["config"]["model"]["attention"] == "seqnorm"
+    rebuilt = model_from_checkpoint(state)
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))

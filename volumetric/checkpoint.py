@@ -1,6 +1,6 @@
 """The checkpoint file: everything needed to rebuild a model and use it, loaded as untrusted input.
 
-Shared by training (writes), evaluation and inference (read). Format version 2:
+Shared by training (writes), evaluation and inference (read). Format version 3:
 
     format, format_version, volumetric_version
     arch            the architecture's registered name (volumetric.models.registry)
@@ -11,14 +11,17 @@ Shared by training (writes), evaluation and inference (read). Format version 2:
     model           the weights (state_dict)
     epoch, metrics  the epoch the weights are from and its row of metrics.csv
     training        last.pt only: optimizer, schedule, scaler, history, ... (what --resume needs)
+    training_groups optional: {salt, hashes} of the training split's groups (leak detection)
 
 best.pt holds no training state: inference and fine-tuning need the weights, not the optimizer.
 Loading uses ``torch.load(weights_only=True)``: a pickle that would run code is refused.
 
 Older versions are upgraded when read, so every file ever written keeps loading and predicting
 the same: version 1 kept ``arch`` inside ``model_args`` (absent meant vit3d) and the training
-state at the top level of both files. A change to the format bumps ``FORMAT_VERSION`` and adds
-its step to ``_UPGRADES``.
+state at the top level of both files; in versions 1 and 2 the attention ``seqnorm`` (also the
+default, when ``model_args`` names none) normalized queries and keys only, the kind now called
+``seqnorm_qk``, since ``seqnorm`` normalizes the values too. A change to the format, or to what
+a saved argument means, bumps ``FORMAT_VERSION`` and adds its step to ``_UPGRADES``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from volumetric.errors import VolumetricError, first_line
 from volumetric.models.registry import build_model, model_arguments
 
 FORMAT = "volumetric-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 REQUIRED = ("arch", "model_args", "class_names", "preprocessing", "model")
 _V1_TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "step", "history", "best_score")
 _V1_TRAINING_KEYS += ("best_epoch", "partial", "world_size")
@@ -55,8 +58,10 @@ def save_checkpoint(
     epoch: int = 0,
     metrics: dict[str, float] | None = None,
     training: dict[str, Any] | None = None,
+    training_groups: dict[str, Any] | None = None,
 ) -> None:
-    """Write a checkpoint atomically; ``training`` (last.pt) adds what resuming needs."""
+    """Write a checkpoint atomically; ``training`` (last.pt) adds what resuming needs,
+    ``training_groups`` the salted hashes of the training split's groups (volumetric/data/split.py)."""
     content = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -72,6 +77,8 @@ def save_checkpoint(
     }
     if training is not None:
         content["training"] = training
+    if training_groups is not None:
+        content["training_groups"] = training_groups
     atomic_torch_save(content, Path(path))
 
 
@@ -92,7 +99,25 @@ def _upgrade_v1(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_v1}
+def _upgrade_v2(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 → 3: attention ``seqnorm`` meant Q and K normalized, V raw; that form is now
+    ``seqnorm_qk`` (``seqnorm`` normalizes V too), so the model rebuilds and predicts as it did.
+    The resolved config says the same, so that a run configured from it rebuilds this model."""
+    if checkpoint.get("arch") == "vit3d":
+        args = dict(checkpoint.get("model_args") or {})
+        if args.get("attention", "seqnorm") == "seqnorm":  # absent: the default, then seqnorm
+            args["attention"] = "seqnorm_qk"
+        checkpoint["model_args"] = args
+    config = checkpoint.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        model = config["model"]
+        if model.get("attention") == "seqnorm":
+            config["model"] = {**model, "attention": "seqnorm_qk"}
+    checkpoint["format_version"] = 3
+    return checkpoint
+
+
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_v1, 2: _upgrade_v2}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -19,6 +19,7 @@ from torch import nn
 from volumetric.layers.attention import (
     seqnorm_attention,
     seqnorm_attention_reference,
+    sima_attention,
     softmax_attention,
     softmax_attention_explicit,
 )
@@ -30,8 +31,15 @@ def bare_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return q @ (k.mT @ v)
 
 
+def seqnorm_qk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The earlier seq-norm form: Q and K normalized, V raw (same fused Function)."""
+    return seqnorm_attention(q, k, v, normalize_v=False)
+
+
 ATTENTION_VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
-    "seqnorm": seqnorm_attention,
+    "seqnorm": seqnorm_attention,  # Q, K and V normalized: the method
+    "seqnorm_qk": seqnorm_qk_attention,
+    "sima": sima_attention,
     "seqnorm_unfused": seqnorm_attention_reference,
     "bare_qktv": bare_linear_attention,
     "softmax_sdpa": softmax_attention,

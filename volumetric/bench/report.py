@@ -57,6 +57,9 @@ def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command
         else f"- matmul: {peak.status}",
         f"- attention: batch 1, {s.heads} heads of width {s.head_dim}; training step: width {s.dim}, depth {s.depth}, "
         f"{s.heads} heads, patch {s.patch}, batch 1, AdamW",
+        "- attention variants: seqnorm (Q, K and V normalized: the method), seqnorm_qk (Q and K "
+        "only), sima (SimA), bare_qktv (Q(KᵀV) without normalization), seqnorm_unfused (seqnorm in "
+        "plain autograd), softmax_sdpa, softmax_explicit (the N×N matrix formed)",
         "- times are medians over repetitions, each case in its own process; memory is the peak over the "
         "process's starting size (CPU: resident set; CUDA: allocated)",
         "",

@@ -1,7 +1,8 @@
 """The benchmark suite: which cases run, in which order, and the targets the project set itself.
 
-a. attention forward+backward over N tokens: seqnorm, its unfused form, the bare Q(KᵀV),
-   softmax through SDPA and softmax with the N×N matrix
+a. attention forward+backward over N tokens: seqnorm (Q, K and V normalized), seqnorm_qk (Q and
+   K only), SimA, the bare Q(KᵀV), seqnorm's unfused form, softmax through SDPA and softmax with
+   the N×N matrix
 b. a whole training step for volumes of growing size, patch 8: volumetric (seqnorm, with and
    without checkpointing) against MONAI's ViT of the same width and depth with SDPA
 c. model-FLOP utilisation against the float32 matmul peak measured in the same run
@@ -17,7 +18,15 @@ from typing import Any
 from volumetric.bench.cases import tokens_of
 from volumetric.bench.runner import Result, run_case, run_series
 
-ATTENTION_ORDER = ["seqnorm", "bare_qktv", "seqnorm_unfused", "softmax_sdpa", "softmax_explicit"]
+ATTENTION_ORDER = [
+    "seqnorm",
+    "seqnorm_qk",
+    "sima",
+    "bare_qktv",
+    "seqnorm_unfused",
+    "softmax_sdpa",
+    "softmax_explicit",
+]
 MODEL_ORDER = [("seqnorm", False), ("seqnorm", True), ("monai_vit", False)]
 
 

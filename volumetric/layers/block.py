@@ -20,10 +20,11 @@ class Block(nn.Module):
         attention: str = "seqnorm",
         dropout: float = 0.0,
         memory_lean: bool = False,
+        seqnorm_affine: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = build_attention(attention, dim=dim, num_heads=num_heads)
+        self.attn = build_attention(attention, dim=dim, num_heads=num_heads, affine=seqnorm_affine)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(
             dim=dim, hidden_dim=int(dim * mlp_ratio), dropout=dropout, memory_lean=memory_lean

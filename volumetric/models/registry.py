@@ -34,6 +34,11 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+HEADS: dict[str, str] = {"vit3d": "head.", "densenet121": "class_layers.out."}
+"""The state-dict prefix of each architecture's classification head (replaced when fine-tuning
+from a checkpoint of other classes)."""
+
+
 def _check_arch(arch: str) -> Callable[..., nn.Module]:
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is not one of {tuple(ARCHITECTURES)}")

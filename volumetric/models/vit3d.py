@@ -4,8 +4,10 @@
       ──▶ depth × Block (pre-norm; per-block gradient checkpointing when enabled)
       ──▶ LayerNorm ──▶ pool over tokens (mean, or max) ──▶ Linear ──▶ logits (B, num_classes)
 
-With the default ``attention="seqnorm"`` every block is linear in N, so a whole 256³ scan in 8³
-patches (32,768 tokens) is an ordinary input.
+With the default ``attention="seqnorm"`` (queries, keys and values sequence-normalized;
+``seqnorm_qk`` and ``sima`` are the other linear kinds) every block is linear in N, so a whole 256³
+scan in 8³ patches (32,768 tokens) is an ordinary input. ``seqnorm_affine`` adds a learnable
+per-feature scale and shift after the normalization (docs/method.md#sequence-normalization).
 
 Pooling: ``pool="mean"`` (the default) suits findings spread over the scan; a small focal finding
 (a lesion, a nodule) is 1/N of a mean, so its signal and its gradient are diluted by the N − 1
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from volumetric.layers.attention import ATTENTION
+from volumetric.layers.attention import ATTENTION, supports_affine
 from volumetric.layers.block import Block
 from volumetric.layers.patch_embed import PatchEmbed3d, as_triple
 from volumetric.layers.pos_embed import sincos_pos_embed_3d
@@ -38,6 +40,7 @@ def check_model_arguments(
     attention: str,
     dropout: float,
     pool: str,
+    seqnorm_affine: bool,
     num_classes: int = 2,
 ) -> None:
     """Raise a ValueError, starting with the argument's name, for any value VolumeTransformer cannot use.
@@ -70,6 +73,14 @@ def check_model_arguments(
         raise ValueError(f"pool={pool!r} is not one of {POOLS}")
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not one of {sorted(ATTENTION)}")
+    if not isinstance(seqnorm_affine, bool):
+        raise ValueError(f"seqnorm_affine must be true or false, got {seqnorm_affine!r}")
+    if seqnorm_affine and not supports_affine(attention):
+        kinds = sorted(name for name in ATTENTION if supports_affine(name))
+        raise ValueError(
+            f"seqnorm_affine=True needs a sequence-normalized attention {kinds}, "
+            f"not attention={attention!r}"
+        )
 
 
 class VolumeTransformer(nn.Module):
@@ -90,6 +101,7 @@ class VolumeTransformer(nn.Module):
         grad_checkpointing: bool = False,
         memory_lean: bool = False,
         pool: str = "mean",
+        seqnorm_affine: bool = False,
     ):
         super().__init__()
         check_model_arguments(
@@ -103,6 +115,7 @@ class VolumeTransformer(nn.Module):
             attention=attention,
             dropout=dropout,
             pool=pool,
+            seqnorm_affine=seqnorm_affine,
         )
         self.num_classes = num_classes
         self.embed_dim = embed_dim
@@ -121,6 +134,7 @@ class VolumeTransformer(nn.Module):
                 attention=attention,
                 dropout=dropout,
                 memory_lean=memory_lean,
+                seqnorm_affine=seqnorm_affine,
             )
             for _ in range(depth)
         )
