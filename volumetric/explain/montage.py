@@ -46,6 +46,21 @@ def save_montage(
 ) -> None:
     """Write the montage of ``relevance`` over ``scan`` (both (W, H, D) on the grid of ``affine``) as a PNG,
     atomically. The slices cross at the map's maximum, or at the centre when the map is all zero."""
+    figure = montage_figure(scan, relevance, affine, title)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def montage_figure(
+    scan: np.ndarray,
+    relevance: np.ndarray,
+    affine: np.ndarray,
+    title: str = "",
+    *,
+    overlay: bool = True,
+) -> Figure:
+    """The montage of `save_montage` as a matplotlib Figure (Agg). ``overlay=False`` draws the same
+    three slices of the scan alone (through the map's maximum, or the centre of an all-zero map)."""
     scan, relevance, (sx, sy, sz) = canonical(scan, relevance, affine)
     peak = relevance.max()
     if peak > 0:
@@ -77,25 +92,26 @@ def save_montage(
             vmax=max(high, low + 1e-6),
             interpolation="nearest",
         )
-        hidden = colour.T <= SHOWN_ABOVE * peak if peak > 0 else np.ones(colour.T.shape, dtype=bool)
-        shown = ax.imshow(
-            np.ma.masked_array(colour.T, mask=hidden),
-            cmap="inferno",
-            origin="lower",
-            extent=extent,
-            vmin=0,
-            vmax=max(peak, 1e-12),
-            alpha=0.6,
-            interpolation="nearest",
-        )
+        if overlay:
+            hidden = colour.T <= SHOWN_ABOVE * peak if peak > 0 else np.ones(colour.T.shape, bool)
+            shown = ax.imshow(
+                np.ma.masked_array(colour.T, mask=hidden),
+                cmap="inferno",
+                origin="lower",
+                extent=extent,
+                vmin=0,
+                vmax=max(peak, 1e-12),
+                alpha=0.6,
+                interpolation="nearest",
+            )
         ax.axhline(cy, color="cyan", linewidth=0.5)
         ax.axvline(cx, color="cyan", linewidth=0.5)
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.tick_params(labelsize=7)
-    figure.colorbar(shown, ax=list(axes), shrink=0.8, label="relevance (logit units)")
+    if shown is not None:
+        figure.colorbar(shown, ax=list(axes), shrink=0.8, label="relevance (logit units)")
     if title:
         figure.suptitle(title)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+    return figure
