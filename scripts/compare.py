@@ -1,174 +1,648 @@
 #!/usr/bin/env python
-"""Accuracy comparison on the demo data: seq-norm ViT vs its softmax variant vs MONAI's DenseNet121.
+"""Accuracy on the demo tasks over several seeds: seq-norm attention against softmax attention, the
+other attention variants and MONAI's DenseNet121, with a paired non-inferiority check.
 
-    python scripts/compare.py [--data data/demo] [--runs runs/compare] [--epochs 30]
-                              [--models seqnorm softmax densenet121] [--output docs/results.md]
+    python scripts/compare.py [--task lesion|regions] [--epochs 30] [--seeds 3]
+                              [--models seqnorm softmax seqnorm_qk sima densenet121]
+                              [--single-seed-models seqnorm_qk sima densenet121]
+                              [--data DIR] [--config YAML] [--runs runs/compare]
+                              [--override KEY=VALUE ...] [--output docs/results.md]
 
-Every model gets the same data, preprocessing, augmentation, optimiser and epoch budget
-(configs/demo.yaml; only the model changes), is trained with volumetric-train, and its best
-checkpoint is evaluated with volumetric-evaluate on the held-out test split. Each training runs in
-its own process so that its peak memory (resident-set high-water mark) is its own. Finished runs are
-reused (runs/compare/<model>-<epochs>ep), interrupted ones resumed, so the script can be run again at
-no cost. Each budget and model set is its own section of the Markdown output, replaced on a re-run.
+Every model gets the task's data, preprocessing, augmentation, optimiser and epoch budget (the
+task's config; only the model and ``train.seed`` change), is trained with volumetric-train, and
+its best checkpoint is evaluated with volumetric-evaluate on the held-out test split. Models get
+seeds 0 .. N-1 (``--seeds N``), those in ``--single-seed-models`` seed 0 only. The runs go one
+after the other (never two trainings at once; a lock file keeps a second compare.py out), each in
+its own process so that its peak memory is its own: first the seq-norm and softmax pairs seed by
+seed, then the single-seed models.
+
+Each run lives in ``<runs>/<task>/<model>-s<seed>-<epochs>ep``. A finished run is reused, an
+interrupted one resumed, a finished one whose test set changed only re-evaluated. As soon as a run
+is done its numbers go to ``compare.json`` in its folder and the task's section of the Markdown
+output is rewritten from every run finished so far, so an interrupted study loses nothing.
+
+The section gives, per model, the mean and sample standard deviation over seeds of the test
+accuracy, balanced accuracy and AUROC and the median time per epoch; then seq-norm minus softmax,
+scan by scan on the same test scans and matched by seed: the accuracy difference per seed pair and
+pooled over the pairs, a bootstrap 95% interval over scans, McNemar's exact test per pair, and a
+non-inferiority verdict against a margin of 2 points of accuracy. The statistics are the small
+functions below (``paired_bootstrap``, ``mcnemar_exact``, ``verdict``, ``format_mean_sd``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
+import hashlib
 import json
+import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
-import torch
-
-from volumetric.bench.report import write_markdown
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+
+TASKS = {
+    "lesion": {
+        "data": ROOT / "data" / "demo",
+        "config": ROOT / "configs" / "demo.yaml",
+        "title": "Lesion task",
+        "what": "lesion vs no lesion, half the scans each",
+    },
+    "regions": {
+        "data": ROOT / "data" / "demo_regions",
+        "config": ROOT / "configs" / "demo_regions.yaml",
+        "title": "Regions task",
+        "what": "every scan carries one lesion and the class is the region holding it: left or "
+        "right, frontal or posterior (boxes of MNI coordinates, `configs/demo_regions.yaml`), "
+        "four classes of equal size",
+    },
+}
 MODELS = {
     "seqnorm": ["--model.attention=seqnorm"],
     "softmax": ["--model.attention=softmax"],
+    "seqnorm_qk": ["--model.attention=seqnorm_qk"],
+    "sima": ["--model.attention=sima"],
     "densenet121": ["--model.arch=densenet121"],
 }
 DESCRIPTION = {
-    "seqnorm": "seq-norm ViT (this method)",
+    "seqnorm": "seq-norm ViT, Q, K and V normalized (this method)",
     "softmax": "softmax ViT (same model, SDPA attention)",
+    "seqnorm_qk": "seq-norm ViT, Q and K only",
+    "sima": "SimA ViT (L1-normalized Q and K)",
     "densenet121": "MONAI DenseNet121 (3D CNN)",
 }
+SINGLE_SEED = ["seqnorm_qk", "sima", "densenet121"]
+PAIR = ("seqnorm", "softmax")  # the paired comparison: PAIR[0] minus PAIR[1]
+MARGIN_POINTS = 2.0  # non-inferiority margin, points of accuracy
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+TITLE = "# Accuracy: seq-norm attention against softmax, its variants and MONAI DenseNet121"
 
 
-def run(command: list[str]) -> tuple[float, float]:
-    """Run ``command``; return (wall seconds, peak resident memory in GiB). Raises on failure."""
+# ----------------------------------------------------------------------------------- statistics
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); the deviation is None for a single value."""
+    if not values:
+        raise ValueError("mean_sd of no values")
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else None
+
+
+def format_mean_sd(values: Sequence[float | None], digits: int = 3) -> str:
+    """ "0.912 ± 0.008" over seeds; one value alone; "n/a" when there is none (undefined values,
+    None or NaN, are left out)."""
+    known = [v for v in values if v is not None and not math.isnan(v)]
+    if not known:
+        return "n/a"
+    mean, sd = mean_sd(known)
+    return f"{mean:.{digits}f}" if sd is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def paired_bootstrap(
+    correct_a: np.ndarray,
+    correct_b: np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Accuracy of A minus accuracy of B on the same scans, with a percentile bootstrap interval.
+
+    ``correct_a``, ``correct_b``: (N,) or (S, N) booleans, whether each of N scans was classified
+    correctly, row s of A paired with row s of B (e.g. the same seed). The difference is the mean
+    over scans and pairs; the bootstrap draws N scans with replacement, each keeping its S pairs
+    (scans are the unit that varies). Seeded with its own generator. Returns difference, low and
+    high as fractions (multiply by 100 for points), and the settings used.
+    """
+    a, b = np.atleast_2d(correct_a).astype(float), np.atleast_2d(correct_b).astype(float)
+    if a.shape != b.shape or a.shape[1] == 0:
+        raise ValueError(
+            f"paired_bootstrap needs two equal, non-empty shapes: {a.shape}, {b.shape}"
+        )
+    per_scan = (a - b).mean(axis=0)  # (N,) each scan's difference, averaged over the pairs
+    rng = np.random.default_rng(seed)
+    n = len(per_scan)
+    values = np.empty(resamples)
+    chunk = max(1, 2**22 // n)  # resamples per step, so that the index matrix stays small
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        values[start:stop] = per_scan[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return {
+        "difference": float(per_scan.mean()),
+        "low": float(low),
+        "high": float(high),
+        "level": level,
+        "resamples": resamples,
+        "seed": seed,
+        "scans": n,
+        "pairs": a.shape[0],
+    }
+
+
+def discordant(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int]:
+    """(scans only A got right, scans only B got right) of two (N,) boolean arrays."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    return int((a & ~b).sum()), int((~a & b).sum())
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test: the p-value of the discordant counts under "either model is
+    as likely to be the one that is right", i.e. twice the smaller tail of Binomial(n, 1/2),
+    n = only_a + only_b, capped at 1 (1 when there are no discordant scans)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError("discordant counts cannot be negative")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2**n)  # exact integers until this one division
+
+
+def verdict(low_points: float, margin_points: float = MARGIN_POINTS) -> str:
+    """Non-inferiority against a margin: "non-inferior" when the interval's lower bound (points of
+    A - B) lies above -margin, else "inconclusive" (the data do not rule out a larger loss)."""
+    return "non-inferior" if low_points > -margin_points else "inconclusive"
+
+
+def verdict_sentence(result: dict[str, float], margin_points: float = MARGIN_POINTS) -> str:
+    """A plain-language reading of a pooled ``paired_bootstrap`` result (A = seq-norm, B = softmax)."""
+    diff, low, high = (100 * result[k] for k in ("difference", "low", "high"))
+    word = verdict(low, margin_points)
+    pairs = result["pairs"]
+    over = f"pooled over {pairs} seed pairs" if pairs > 1 else "on one seed pair"
+    side = "above" if diff >= 0 else "below"
+    start = (
+        f"**Verdict: {word}.** {over[0].upper() + over[1:]} and {result['scans']} test scans, "
+        f"seq-norm's test accuracy is {abs(diff):.1f} points {side} softmax's "
+        f"(95% interval {low:+.1f} to {high:+.1f} points). "
+    )
+    if word == "non-inferior":
+        end = (
+            f"The interval's lower end lies above the {-margin_points:.0f}-point margin: on this task "
+            f"seq-norm attention comes within {margin_points:.0f} points of softmax attention's "
+            "accuracy or does better"
+        )
+        end += " (the whole interval lies above 0: here it does better)." if low > 0 else "."
+    else:
+        end = (
+            f"The interval's lower end lies below the {-margin_points:.0f}-point margin: these runs "
+            f"cannot rule out that seq-norm loses more than {margin_points:.0f} points against "
+            "softmax (which is not the same as showing that it does)."
+        )
+    return start + end
+
+
+def read_correct(path: Path) -> dict[str, bool]:
+    """{scan path: classified correctly} from a predictions.csv of volumetric-evaluate (columns
+    path, label, prediction, prob_<class>...). A row without a prediction counts as wrong."""
+    with Path(path).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"path", "label", "prediction"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: no column(s) {sorted(missing)}")
+        correct: dict[str, bool] = {}
+        for row in reader:
+            if row["path"] in correct:
+                raise ValueError(f"{path}: scan {row['path']} is listed twice")
+            correct[row["path"]] = bool(row["prediction"]) and row["prediction"] == row["label"]
+    return correct
+
+
+def match_scans(
+    runs_a: Sequence[dict[str, bool]], runs_b: Sequence[dict[str, bool]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair ``read_correct`` tables (runs_a[s] with runs_b[s]) → two (S, N) boolean arrays, column
+    j the same scan everywhere (matched by path). All tables must hold the same scans."""
+    if len(runs_a) != len(runs_b) or not runs_a:
+        raise ValueError("match_scans needs as many runs of A as of B, at least one")
+    scans = sorted(runs_a[0])
+    for table in (*runs_a, *runs_b):
+        if set(table) != set(scans):
+            raise ValueError(
+                f"the runs were evaluated on different scans ({len(set(table) ^ set(scans))} "
+                "differ): re-run them on one test set"
+            )
+    return (
+        np.array([[t[s] for s in scans] for t in runs_a], dtype=bool),
+        np.array([[t[s] for s in scans] for t in runs_b], dtype=bool),
+    )
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Study:
+    task: str
+    data: Path
+    config: Path
+    runs: Path  # <runs>/<task>
+    epochs: int
+    seeds: int
+    models: list[str]
+    single_seed: list[str]
+    overrides: list[str]  # volumetric-train arguments, --section.key=value
+    output: Path
+    command: str
+    resamples: int = BOOTSTRAP_RESAMPLES
+    records: dict[tuple[str, int], dict] = field(default_factory=dict)
+
+    def plan(self) -> list[tuple[str, int]]:
+        """(model, seed) in running order: the paired models seed by seed, then the others."""
+        seeded = [m for m in self.models if m not in self.single_seed]
+        runs = [(m, s) for s in range(self.seeds) for m in seeded]
+        return runs + [(m, 0) for m in self.models if m in self.single_seed]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (the report is committed)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, content: dict) -> None:
+    from volumetric.atomic_files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+
+
+def _data_args(data: Path) -> dict | None:
+    """The data set's make_demo_data arguments (.demo_args.json), None for other data."""
+    return _read_json(data / ".demo_args.json")
+
+
+def settings_of(study: Study, model: str, seed: int) -> dict[str, dict]:
+    """What a run's training and its test evaluation depend on: a change retrains, or re-evaluates."""
+    data_args = _data_args(study.data)
+    train_data = (
+        None if data_args is None else {k: v for k, v in data_args.items() if k != "n_test"}
+    )
+    return {
+        "train": {
+            "task": study.task,
+            "model": model,
+            "seed": seed,
+            "epochs": study.epochs,
+            "config": _shown(study.config),
+            "config_sha256": hashlib.sha256(study.config.read_bytes()).hexdigest(),
+            "overrides": [*MODELS[model], *study.overrides],
+            "data": _shown(study.data / "train"),
+            "data_args": train_data,
+        },
+        "test": {"data": _shown(study.data / "test"), "data_args": data_args},
+    }
+
+
+def run_command(command: list[str]) -> float:
+    """Run ``command``; return the peak resident memory of its process in GiB. Exits on failure."""
     print("$", shlex.join(command), flush=True)
-    start = time.perf_counter()
     process = subprocess.Popen(command)
     _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"compare: {command[0]} failed with status {process.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"compare: {command[0]} failed with status {code}")
+    return usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def train_and_evaluate(name: str, args: argparse.Namespace) -> dict:
-    run_dir = args.runs / f"{name}-{args.epochs}ep"
-    record = run_dir / "compare.json"
-    settings = {"epochs": args.epochs, "config": str(args.config), "overrides": MODELS[name]}
-    if record.exists() and json.loads(record.read_text()).get("settings") == settings:
-        return json.loads(record.read_text())  # finished earlier with the same settings
-    train = [
-        "volumetric-train",
-        str(args.data / "train"),
-        "--config",
-        str(args.config),
-        "--output-dir",
-        str(run_dir),
-        "--no-progress",
-        f"--train.epochs={args.epochs}",
-        *MODELS[name],
-    ]
-    if (run_dir / "last.pt").exists():
-        train.append("--resume")
-    _, peak_gib = run(train)
-    run(
-        [
-            "volumetric-evaluate",
-            str(run_dir / "best.pt"),
-            str(args.data / "test"),
+@cache
+def supports(command: str, option: str) -> bool:
+    """Whether ``command --help`` lists ``option`` (e.g. --no-report, absent from older versions)."""
+    helped = subprocess.run([command, "--help"], capture_output=True, text=True)
+    return option in helped.stdout
+
+
+def _epoch_rows(run_dir: Path) -> list[dict[str, str]]:
+    try:
+        with (run_dir / "metrics.csv").open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError:
+        return []
+
+
+def run_one(study: Study, model: str, seed: int) -> dict:
+    """Train (or resume, or reuse) and evaluate one run; returns and writes its compare.json."""
+    import torch
+
+    run_dir = study.runs / f"{model}-s{seed}-{study.epochs}ep"
+    settings = settings_of(study, model, seed)
+    record = _read_json(run_dir / "compare.json")
+    if record and record.get("settings") == settings:
+        return record  # finished earlier with the same settings
+    started = _read_json(run_dir / "compare_settings.json")
+    if started is not None and started != settings["train"]:
+        raise SystemExit(
+            f"compare: {run_dir} was trained with other settings than these; remove it or give "
+            "another --runs folder"
+        )
+    if started is None and run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"compare: {run_dir} holds files compare.py did not start; remove it")
+
+    finished = (run_dir / "best.pt").exists() and len(_epoch_rows(run_dir)) >= study.epochs
+    if not finished:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "compare_settings.json", settings["train"])
+        train = [
+            "volumetric-train",
+            str(study.data / "train"),
+            "--config",
+            str(study.config),
             "--output-dir",
-            str(run_dir / "test"),
+            str(run_dir),
             "--no-progress",
+            f"--train.epochs={study.epochs}",
+            f"--train.seed={seed}",
+            *settings["train"]["overrides"],
         ]
-    )
-    with (run_dir / "metrics.csv").open(newline="") as handle:
-        epochs = list(csv.DictReader(handle))
+        train += ["--no-report"] if supports("volumetric-train", "--no-report") else []
+        train += ["--resume"] if (run_dir / "last.pt").exists() else []
+        peak_gib = run_command(train)
+        _write_json(run_dir / "compare_train.json", {"peak_memory_gib": peak_gib})
+    else:  # trained earlier (then stopped before its evaluation, or the test set changed)
+        peak_gib = (_read_json(run_dir / "compare_train.json") or {}).get("peak_memory_gib")
+    evaluate = [
+        "volumetric-evaluate",
+        str(run_dir / "best.pt"),
+        str(study.data / "test"),
+        "--output-dir",
+        str(run_dir / "test"),
+        "--no-progress",
+    ]
+    evaluate += ["--no-report"] if supports("volumetric-evaluate", "--no-report") else []
+    run_command(evaluate)
+
     state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    result = {
+    seconds = [float(row["seconds"]) for row in _epoch_rows(run_dir)]
+    record = {
         "settings": settings,
         "test": json.loads((run_dir / "test" / "metrics.json").read_text()),
-        "seconds_per_epoch": statistics.median(float(row["seconds"]) for row in epochs),
-        "epochs": len(epochs),
-        "best_epoch": state["best_epoch"],
-        "parameters": sum(v.numel() for k, v in state["model"].items() if v.is_floating_point()),
-        "peak_memory_gib": peak_gib,  # of the last training process (a resumed run: of its resumption)
+        "predictions": _shown(run_dir / "test" / "predictions.csv"),
+        "epoch_seconds": seconds,
+        "seconds_per_epoch": statistics.median(seconds),
+        "epochs": len(seconds),
+        "best_epoch": state.get("epoch", state.get("best_epoch")),
+        "parameters": sum(v.numel() for v in state["model"].values() if v.is_floating_point()),
+        # of the last training process (a resumed run: of its resumption); None when not measured
+        "peak_memory_gib": peak_gib,
     }
-    record.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    _write_json(run_dir / "compare.json", record)
+    return record
 
 
-def _shown(path: Path) -> Path:
-    """``path`` relative to the repository when it lies inside it (the report is committed)."""
-    return path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+@contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` for the study, so that two compare.py never train at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"compare: another compare.py is running ({folder / '.lock'}); one at a time"
+            ) from None
+        yield
 
 
-def report(results: dict[str, dict], args: argparse.Namespace, command: str) -> str:
-    def fmt(value, spec=".3f"):
-        return "n/a" if value is None else format(value, spec)
+# -------------------------------------------------------------------------------------- report
 
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
+def _paired_section(study: Study) -> list[str]:
+    a_name, b_name = PAIR
+    seeds = [
+        s
+        for s in range(study.seeds)
+        if (a_name, s) in study.records and (b_name, s) in study.records
+    ]
+    if not seeds:
+        return []
+    tables = {
+        name: [read_correct(ROOT / study.records[name, s]["predictions"]) for s in seeds]
+        for name in PAIR
+    }
+    a, b = match_scans(tables[a_name], tables[b_name])  # (S, N) each
+    n = a.shape[1]
     lines = [
-        f"## {args.epochs}-epoch budget",
         "",
-        f"Produced by `{command}` on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}), "
-        f"{time.strftime('%Y-%m-%d')}.",
+        "### Seq-norm minus softmax, scan by scan",
         "",
-        f"Data: the demo set (`scripts/make_demo_data.py`, `{_shown(args.data)}`): brain MRI at 3 mm, lesion vs no lesion; "
-        "training on `train/` (80/20 split for validation, best checkpoint by validation balanced accuracy), "
-        "metrics on the held-out `test/` scans, never seen in training. Same preprocessing, augmentation, "
-        f"optimiser and budget of {args.epochs} epochs for every model (`configs/demo.yaml`, only the model changes).",
-        "",
-        "| model | parameters | test accuracy | balanced accuracy | AUROC | best epoch | time / epoch | peak memory |",
+        "| seed | seq-norm accuracy | softmax accuracy | difference | 95% interval | only seq-norm right "
+        "| only softmax right | McNemar p |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in results.items():
-        t = r["test"]
+    for i, seed in enumerate(seeds):
+        result = paired_bootstrap(a[i], b[i], resamples=study.resamples)
+        only_a, only_b = discordant(a[i], b[i])
         lines.append(
-            f"| {DESCRIPTION[name]} | {r['parameters'] / 1e6:.2f} M | {fmt(t.get('accuracy'))} | "
-            f"{fmt(t.get('balanced_accuracy'))} | {fmt(t.get('auroc'))} | {r['best_epoch']} / {r['epochs']} | "
-            f"{r['seconds_per_epoch']:.1f} s | {r['peak_memory_gib']:.2f} GiB |"
+            f"| {seed} | {a[i].mean():.3f} | {b[i].mean():.3f} | {100 * result['difference']:+.1f} | "
+            f"{100 * result['low']:+.1f} to {100 * result['high']:+.1f} | {only_a} | {only_b} | "
+            f"{mcnemar_exact(only_a, only_b):.3g} |"
         )
-    if "seqnorm" in results and "softmax" in results:
-        gap = results["seqnorm"]["test"]["accuracy"] - results["softmax"]["test"]["accuracy"]
-        n = results["seqnorm"]["test"]["num_scans"]
-        lines += [
-            "",
-            f"Seq-norm minus softmax test accuracy: {100 * gap:+.1f} points on {n} test scans "
-            f"(one scan is {100 / n:.1f} points).",
-        ]
+    pooled = paired_bootstrap(a, b, resamples=study.resamples)
+    if len(seeds) > 1:
+        only = [discordant(a[i], b[i]) for i in range(len(seeds))]
+        lines.append(
+            f"| pooled ({', '.join(map(str, seeds))}) | {a.mean():.3f} | {b.mean():.3f} | "
+            f"{100 * pooled['difference']:+.1f} | {100 * pooled['low']:+.1f} to "
+            f"{100 * pooled['high']:+.1f} | {sum(o[0] for o in only)} | {sum(o[1] for o in only)} | – |"
+        )
     lines += [
         "",
-        "Time per epoch is the median over epochs of training plus validation, one process, "
-        "float32 on this machine; peak memory is the training process's resident-set high-water mark.",
+        f"Difference: seq-norm minus softmax test accuracy in points (one scan is {100 / n:.2g} "
+        f"points), the same {n} test scans, runs paired by seed. Interval: percentile bootstrap over "
+        f"the scans ({study.resamples} resamples, seed {BOOTSTRAP_SEED}; pooled: each scan's "
+        "difference averaged over the seed pairs, then scans resampled). McNemar: exact two-sided "
+        "test on the scans only one of the pair got right.",
+        "",
+        verdict_sentence(pooled),
     ]
+    return lines
+
+
+def report(study: Study) -> str:
+    """The task's Markdown section from the runs finished so far (``study.records``)."""
+    import torch
+
+    from volumetric.bench.report import machine_description
+
+    info = TASKS[study.task]
+    plan = study.plan()
+    done = [run for run in plan if run in study.records]
+    data_args = _data_args(study.data) or {}
+    n_test = next(iter(study.records.values()))["test"]["num_scans"] if study.records else None
+    seeds_text = f"{study.seeds} seed{'s' if study.seeds > 1 else ''}"
+    epochs_text = f"{study.epochs} epoch{'s' if study.epochs > 1 else ''}"
+    lines = [
+        f"## {info['title']}: {epochs_text}, {seeds_text}",
+        "",
+        f"Produced by `{study.command}` on {machine_description('cuda' if torch.cuda.is_available() else 'cpu')}, "
+        f"{time.strftime('%Y-%m-%d')}.",
+    ]
+    if len(done) < len(plan):
+        pending = ", ".join(f"{m} seed {s}" for m, s in plan if (m, s) not in study.records)
+        lines += [
+            "",
+            f"**Incomplete:** {len(done)} of {len(plan)} runs finished; pending: {pending}.",
+        ]
+    overrides = (
+        f"; overrides {', '.join(f'`{o}`' for o in study.overrides)}" if study.overrides else ""
+    )
+    train_count = f"{data_args['n_train']} " if "n_train" in data_args else ""
+    lines += [
+        "",
+        f"Data: `{_shown(study.data)}` (`scripts/make_demo_data.py --task {study.task}`), brain MRI "
+        f"at 3 mm, {info['what']}. Training on the {train_count}scans of `train/` (a stratified 20% "
+        "held out for validation, drawn with the run's seed; best checkpoint by validation balanced "
+        f"accuracy), metrics on the {n_test or 'held-out'} `test/` scans, never seen in training. "
+        f"Same preprocessing, augmentation, optimiser and budget of {epochs_text} for every "
+        f"model (`{_shown(study.config)}`{overrides}); only the model and `train.seed` change.",
+        "",
+        "| model | seeds | parameters | test accuracy | balanced accuracy | AUROC | time / epoch "
+        "| peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model in study.models:
+        records = [study.records[m, s] for m, s in plan if m == model and (m, s) in study.records]
+        if not records:
+            continue
+        tests = [r["test"] for r in records]
+        seconds = [t for r in records for t in r["epoch_seconds"]]
+        peaks = [r["peak_memory_gib"] for r in records if r.get("peak_memory_gib") is not None]
+        lines.append(
+            f"| {DESCRIPTION[model]} | {len(records)} | {records[0]['parameters'] / 1e6:.2f} M | "
+            f"{format_mean_sd([t['accuracy'] for t in tests])} | "
+            f"{format_mean_sd([t['balanced_accuracy'] for t in tests])} | "
+            f"{format_mean_sd([t['auroc'] for t in tests])} | "
+            f"{statistics.median(seconds):.1f} s | {f'{max(peaks):.2f} GiB' if peaks else 'n/a'} |"
+        )
+    lines += [
+        "",
+        "Mean ± sample standard deviation over the seeds (one seed: its value alone). Time per "
+        "epoch: the median over all epochs of the model's runs, training plus validation, one "
+        "process; peak memory: the largest resident-set high-water mark of its training processes.",
+    ]
+    lines += _paired_section(study)
+    lines += [
+        "",
+        "<details><summary>Every run</summary>",
+        "",
+        "| model | seed | test accuracy | balanced accuracy | AUROC | best epoch | time / epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, seed in done:
+        r = study.records[model, seed]
+        t = r["test"]
+        lines.append(
+            f"| {model} | {seed} | {_fmt(t.get('accuracy'))} | {_fmt(t.get('balanced_accuracy'))} | "
+            f"{_fmt(t.get('auroc'))} | {r['best_epoch']} / {r['epochs']} | "
+            f"{r['seconds_per_epoch']:.1f} s |"
+        )
+    lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def write_report(study: Study) -> str:
+    from volumetric.bench.report import write_markdown
+
+    text = report(study)
+    write_markdown(study.output, text, f"compare {study.task} {study.epochs} epochs", title=TITLE)
+    return text
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def prepare_data(task: str, data: Path) -> None:
+    """Build the task's demo set at its default place (rebuilt only when stale), or at ``data``
+    when that does not exist yet; an existing other folder is used as it is."""
+    if data.resolve() == TASKS[task]["data"].resolve() or not data.exists():
+        script = ROOT / "scripts" / "make_demo_data.py"
+        subprocess.run([sys.executable, str(script), str(data), "--task", task], check=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
+    parser.add_argument("--task", choices=sorted(TASKS), default="lesion")
+    parser.add_argument("--data", type=Path, help="the data set (default: the task's demo set)")
+    parser.add_argument("--config", type=Path, help="default: the task's demo config")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per model (3)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--single-seed-models",
+        nargs="*",
+        choices=list(MODELS),
+        default=SINGLE_SEED,
+        help=f"trained with seed 0 only (default: {' '.join(SINGLE_SEED)})",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run, e.g. train.batch_size=4 (repeatable)",
+    )
+    parser.add_argument("--bootstrap-resamples", type=int, default=BOOTSTRAP_RESAMPLES)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
-    args = parser.parse_args()
-    command = "./scripts/compare.sh" + "".join(f" {a}" for a in sys.argv[1:])
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(args.data)], check=True
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.epochs < 1 or args.bootstrap_resamples < 1:
+        parser.error("--seeds, --epochs and --bootstrap-resamples must be at least 1")
+    if any("=" not in o or o.startswith("-") for o in args.override):
+        parser.error("--override takes KEY=VALUE, e.g. --override train.batch_size=4")
+    args.data = args.data or TASKS[args.task]["data"]
+    args.config = args.config or TASKS[args.task]["config"]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    study = Study(
+        task=args.task,
+        data=args.data,
+        config=args.config,
+        runs=args.runs / args.task,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        models=args.models,
+        single_seed=args.single_seed_models,
+        overrides=[f"--{o}" for o in args.override],
+        output=args.output,
+        command=shlex.join(["./scripts/compare.sh", *given]),
+        resamples=args.bootstrap_resamples,
     )
-    results = {name: train_and_evaluate(name, args) for name in args.models}
-    text = report(results, args, command)
-    write_markdown(
-        args.output,
-        text,
-        f"compare {args.epochs} epochs {' '.join(args.models)}",
-        title="# Accuracy: seq-norm vs softmax attention vs MONAI DenseNet121",
-    )
+    with exclusive(args.runs):
+        prepare_data(args.task, args.data)
+        for model, seed in study.plan():
+            study.records[model, seed] = run_one(study, model, seed)
+            write_report(study)  # after every run: an interrupted study loses nothing
+        text = write_report(study)
     print(text)
     return 0
 

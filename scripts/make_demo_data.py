@@ -1,19 +1,41 @@
 #!/usr/bin/env python
-"""Build the offline demo data set: brain MRI volumes with and without a synthetic lesion.
+"""Build the offline demo data sets: brain MRI volumes with a synthetic lesion.
 
 Every subject starts from the MNI152 2009 T1 template that ships inside nilearn (no download),
 resampled to ``--spacing`` mm, and gets its own random affine and elastic deformation, bias field,
-gamma change and Rician noise. Subjects of class ``lesion`` also carry one soft-edged hyperintense
-ellipsoid inside the brain (random size, orientation, place and contrast), added before the
-degradations so that it is degraded like the rest of the scan.
+gamma change and Rician noise. A lesion is one soft-edged hyperintense ellipsoid (radius 8-16 mm
+per axis, random orientation and contrast), placed fully inside grey or white matter and added
+before the degradations, so that it is degraded like the rest of the scan. Two tasks:
 
-    python scripts/make_demo_data.py OUTPUT_DIR [--n-train 400] [--n-test 100] [--seed 0] [--spacing 3] [--force]
+``--task lesion`` (the default, the demo): classes ``lesion`` and ``no_lesion``, half the
+subjects of each; the lesion may sit anywhere in the brain.
 
-writes ``{train,test}/{lesion,no_lesion}/sub-XXXX.nii.gz`` (int16, MR-like units) and
-``manifest.csv`` (lesion centres in output voxels, equivalent-sphere radii in mm). The same arguments
-give the same voxels. The set is built in a sibling folder and renamed into place, ``.demo_args.json``
-written last, so an interrupted run never leaves a half set that looks complete; a complete set made
-with the same arguments is left as it is.
+``--task regions``: every subject carries one lesion, and the class is the region it lies in,
+four classes of equal size. Regions are boxes of MNI152 coordinates (mm; x grows to the
+subject's right, y to the front, z upwards), and the whole ellipsoid (plus a voxel) lies inside
+both its region's box and the brain tissue:
+
+    left_frontal      x <= -10   y >= +10   z >= -5
+    right_frontal     x >= +10   y >= +10   z >= -5
+    left_posterior    x <= -10   y <= -40   z >= 0
+    right_posterior   x >= +10   y <= -40   z >= 0
+
+The frontal boxes hold the frontal lobes above the temporal poles; the posterior boxes the
+parietal and occipital lobes and the hind ends of the temporal lobes, above the cerebellum. A
+lesion never comes nearer than 10 mm to the midline, and frontal and posterior lesions are at
+least 50 mm apart, so the class is unambiguous. The template is symmetric between left and
+right: only the side of the lesion tells ``left_*`` from ``right_*``, so a left-right flip must
+not be used as augmentation on this task.
+
+    python scripts/make_demo_data.py OUTPUT_DIR [--task lesion] [--n-train 400] [--n-test 1000]
+                                     [--seed 0] [--spacing 3] [--force]
+
+writes ``{train,test}/<class>/sub-XXXX.nii.gz`` (int16, MR-like units) and ``manifest.csv``
+(lesion centres in output voxels and, before the deformation, in MNI mm; equivalent-sphere radii
+in mm). The same arguments give the same voxels, and the lesion set's first subjects are the same
+whatever ``--n-test``. The set is built in a sibling folder and renamed into place,
+``.demo_args.json`` written last, so an interrupted run never leaves a half set that looks
+complete; a complete set made with the same arguments is left as it is.
 """
 
 from __future__ import annotations
@@ -34,6 +56,14 @@ from scipy import ndimage
 
 log = logging.getLogger("make_demo_data")
 CLASSES = ("lesion", "no_lesion")
+# --task regions: {class: {axis: (low, high)}} in MNI152 mm, None for an open end (module docstring)
+REGIONS: dict[str, dict[str, tuple[float | None, float | None]]] = {
+    "left_frontal": {"x": (None, -10.0), "y": (10.0, None), "z": (-5.0, None)},
+    "right_frontal": {"x": (10.0, None), "y": (10.0, None), "z": (-5.0, None)},
+    "left_posterior": {"x": (None, -10.0), "y": (None, -40.0), "z": (0.0, None)},
+    "right_posterior": {"x": (10.0, None), "y": (None, -40.0), "z": (0.0, None)},
+}
+TASKS = {"lesion": CLASSES, "regions": tuple(REGIONS)}
 MANIFEST_COLUMNS = [
     "path",
     "label",
@@ -42,6 +72,9 @@ MANIFEST_COLUMNS = [
     "lesion_center_vox_y",
     "lesion_center_vox_z",
     "lesion_radius_mm",
+    "lesion_center_mni_x",
+    "lesion_center_mni_y",
+    "lesion_center_mni_z",
 ]
 FORMAT_VERSION = 3  # bump when the generator changes, so old sets are rebuilt
 LESION_RADIUS_MM = (8.0, 16.0)  # per ellipsoid axis
@@ -93,7 +126,24 @@ def load_template(spacing: float) -> dict[str, np.ndarray]:
         "tissue": (gm_map + wm_map) > 0.5,
         "wm": wm_mask,
         "affine": affine,
+        "regions": region_masks(t1_map.shape, affine),
     }
+
+
+def region_masks(shape: tuple[int, ...], affine: np.ndarray) -> dict[str, np.ndarray]:
+    """{region name: bool mask of ``shape``}: the voxels whose centre lies in the region's MNI box."""
+    voxels = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), axis=-1)
+    mni = voxels @ affine[:3, :3].T + affine[:3, 3]  # (W, H, D, 3) mm
+    masks = {}
+    for name, box in REGIONS.items():
+        mask = np.ones(shape, dtype=bool)
+        for axis, (low, high) in enumerate(box[a] for a in "xyz"):
+            if low is not None:
+                mask &= mni[..., axis] >= low
+            if high is not None:
+                mask &= mni[..., axis] <= high
+        masks[name] = mask
+    return masks
 
 
 def random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
@@ -132,9 +182,14 @@ def smooth_field(
 
 
 def add_lesion(
-    volume: np.ndarray, template: dict, rng: np.random.Generator, spacing: float
+    volume: np.ndarray,
+    template: dict,
+    rng: np.random.Generator,
+    spacing: float,
+    region: str | None = None,
 ) -> dict:
-    """Blend a soft hyperintense ellipsoid, fully inside grey/white matter, into ``volume`` (in place)."""
+    """Blend a soft hyperintense ellipsoid, fully inside grey/white matter (and inside ``region``,
+    a key of ``template["regions"]``, when given), into ``volume`` (in place)."""
     radii = rng.uniform(*LESION_RADIUS_MM, size=3) / spacing  # voxels, along the lesion's own axes
     rotation = random_rotation(rng, 180.0)
     half = int(np.ceil(radii.max())) + 2
@@ -143,7 +198,10 @@ def add_lesion(
     distance = np.sqrt((((offsets @ rotation) / radii) ** 2).sum(axis=-1))
     # Candidate centres: where the whole ellipsoid (and a voxel of margin) lies inside the tissue mask.
     footprint = distance <= 1.0 + 1.0 / radii.min()
-    inside = ndimage.binary_erosion(template["tissue"], structure=footprint, border_value=0)
+    allowed = (
+        template["tissue"] if region is None else template["tissue"] & template["regions"][region]
+    )
+    inside = ndimage.binary_erosion(allowed, structure=footprint, border_value=0)
     interior = np.zeros_like(inside)
     interior[tuple(slice(half, n - half) for n in inside.shape)] = (
         True  # the box around the centre fits too
@@ -151,7 +209,8 @@ def add_lesion(
     inside &= interior
     candidates = np.argwhere(inside)
     if len(candidates) == 0:
-        raise ValueError("no room for a lesion inside the brain at this spacing")
+        where = "the brain" if region is None else f"region {region}"
+        raise ValueError(f"no room for a lesion inside {where} at this spacing")
     centre = candidates[rng.integers(len(candidates))]
     box = tuple(slice(c - half, c + half + 1) for c in centre)
     wm_near = template["t1"][box][template["wm"][box]]
@@ -161,15 +220,26 @@ def add_lesion(
     edge_mm = 1.0  # width of the soft edge
     weight = 1.0 / (1.0 + np.exp((distance - 1.0) * radii.mean() * spacing / edge_mm))
     volume[box] = (1.0 - weight) * volume[box] + weight * level
-    return {"centre": centre.astype(float), "radius_mm": float(np.prod(radii) ** (1 / 3) * spacing)}
+    mni = template["affine"][:3, :3] @ centre + template["affine"][:3, 3]
+    return {
+        "centre": centre.astype(float),
+        "mni": mni,
+        "radius_mm": float(np.prod(radii) ** (1 / 3) * spacing),
+    }
 
 
 def make_subject(
-    template: dict, rng: np.random.Generator, with_lesion: bool, spacing: float
+    template: dict,
+    rng: np.random.Generator,
+    with_lesion: bool,
+    spacing: float,
+    region: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One subject: (int16 volume, RAS affine, lesion info with output-voxel ``centre`` and ``radius_mm``)."""
+    """One subject: (int16 volume, RAS affine, lesion info: output-voxel ``centre``, ``radius_mm``
+    and ``mni``, the centre in template mm before the deformation). ``region``: where the lesion
+    goes (a key of ``REGIONS``; None: anywhere in the brain)."""
     volume = template["t1"].copy()
-    lesion = add_lesion(volume, template, rng, spacing) if with_lesion else {}
+    lesion = add_lesion(volume, template, rng, spacing, region) if with_lesion else {}
 
     # Geometry: output voxel x samples source point A (x - c) + c + t + elastic(x).
     shape = volume.shape
@@ -200,7 +270,11 @@ def make_subject(
                 @ (target - [ndimage.map_coordinates(e, x[:, None], order=1)[0] for e in elastic])
                 + c
             )
-        lesion = {"centre": x, "radius_mm": lesion["radius_mm"] / np.linalg.det(matrix) ** (1 / 3)}
+        lesion = {
+            "centre": x,
+            "mni": lesion["mni"],
+            "radius_mm": lesion["radius_mm"] / np.linalg.det(matrix) ** (1 / 3),
+        }
     return volume, template["affine"], lesion
 
 
@@ -221,14 +295,20 @@ def is_complete(output: Path, args: dict) -> bool:
 def build_dataset(
     output: Path,
     n_train: int = 400,
-    n_test: int = 100,
+    n_test: int = 1000,
     seed: int = 0,
     spacing: float = 3.0,
     force: bool = False,
+    task: str = "lesion",
 ) -> bool:
-    """Write the data set to ``output``; returns False when an identical complete set is already there."""
+    """Write the data set of ``task`` (a key of ``TASKS``) to ``output``; returns False when an
+    identical complete set is already there."""
     output = Path(output)
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; one of {sorted(TASKS)}")
+    classes = TASKS[task]
     args = {
+        "task": task,
         "n_train": n_train,
         "n_test": n_test,
         "seed": seed,
@@ -258,10 +338,13 @@ def build_dataset(
         rows = []
         for index in range(n_train + n_test):
             split, position = ("train", index) if index < n_train else ("test", index - n_train)
-            label = CLASSES[position % 2]
-            volume, affine, lesion = make_subject(
-                template, np.random.default_rng([seed, index]), label == "lesion", spacing
-            )
+            label = classes[position % len(classes)]
+            if task == "lesion":
+                rng = np.random.default_rng([seed, index])
+                volume, affine, lesion = make_subject(template, rng, label == "lesion", spacing)
+            else:  # a stream of its own, independent of the lesion set's subject of this index
+                rng = np.random.default_rng([seed, index, 1])
+                volume, affine, lesion = make_subject(template, rng, True, spacing, region=label)
             path = Path(split, label, f"sub-{index + 1:04d}.nii.gz")
             image = nib.Nifti1Image(volume, affine)
             image.header.set_xyzt_units("mm")
@@ -270,15 +353,9 @@ def build_dataset(
             (tmp / path).parent.mkdir(parents=True, exist_ok=True)
             nib.save(image, tmp / path)
             centre = [f"{v:.2f}" for v in lesion["centre"]] if lesion else ["", "", ""]
-            rows.append(
-                [
-                    path.as_posix(),
-                    label,
-                    split,
-                    *centre,
-                    f"{lesion['radius_mm']:.2f}" if lesion else "",
-                ]
-            )
+            mni = [f"{v:.1f}" for v in lesion["mni"]] if lesion else ["", "", ""]
+            radius = f"{lesion['radius_mm']:.2f}" if lesion else ""
+            rows.append([path.as_posix(), label, split, *centre, radius, *mni])
             if (index + 1) % 50 == 0:
                 log.info("%d/%d volumes", index + 1, n_train + n_test)
         with (tmp / "manifest.csv").open("w", newline="") as handle:
@@ -312,10 +389,19 @@ def main(argv: list[str] | None = None) -> int:
         "output", type=Path, metavar="OUTPUT_DIR", help="folder to write the data set to"
     )
     parser.add_argument(
-        "--n-train", type=int, default=400, help="training volumes, half with a lesion (400)"
+        "--task",
+        choices=sorted(TASKS),
+        default="lesion",
+        help="lesion: lesion vs no_lesion; regions: which of four regions holds the lesion (lesion)",
     )
     parser.add_argument(
-        "--n-test", type=int, default=100, help="held-out test volumes, half with a lesion (100)"
+        "--n-train", type=int, default=400, help="training volumes, classes in equal parts (400)"
+    )
+    parser.add_argument(
+        "--n-test",
+        type=int,
+        default=1000,
+        help="held-out test volumes, classes in equal parts (1000)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument(
@@ -328,11 +414,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    if args.n_train < 2 or args.n_test < 2 or args.seed < 0 or not 1.0 <= args.spacing <= 8.0:
+    least = max(2, len(TASKS[args.task]))  # every class in both splits
+    if min(args.n_train, args.n_test) < least or args.seed < 0 or not 1.0 <= args.spacing <= 8.0:
         # parser.error exits with 2
-        parser.error("need --n-train >= 2, --n-test >= 2, --seed >= 0 and 1 <= --spacing <= 8")
+        parser.error(
+            f"need --n-train >= {least}, --n-test >= {least}, --seed >= 0 and 1 <= --spacing <= 8"
+        )
     try:
-        build_dataset(args.output, args.n_train, args.n_test, args.seed, args.spacing, args.force)
+        build_dataset(
+            args.output,
+            args.n_train,
+            args.n_test,
+            args.seed,
+            args.spacing,
+            args.force,
+            task=args.task,
+        )
     except (UserError, OSError, ValueError) as error:
         print(f"make_demo_data: error: {error}", file=sys.stderr)
         return 2
