@@ -91,10 +91,11 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def train(data: Path, run: Path, config: Path | None, *extra: str) -> int:
     """volumetric-train in-process: the exit status. (Imported here, so that a broken CLI fails the
-    tests that train, not the collection of every test.)"""
+    tests that train, not the collection of every test.) Without report.html (its bootstrap and
+    plots cost seconds a run) unless ``extra`` holds ``--report``, as ``trained_run`` does."""
     from volumetric.cli import train_main
 
-    args = [str(data), "--output-dir", str(run), "--no-progress", *extra]
+    args = [str(data), "--output-dir", str(run), "--no-progress", "--no-report", *extra]
     return train_main(args + (["--config", str(config)] if config else []))
 
 
@@ -149,11 +150,11 @@ def tiny_dataset_shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_dataset_shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished 2-epoch run of ``TINY_CONFIG`` on ``tiny_dataset_shared`` (4 optimizer steps per
-    epoch), trained once per session and shared by the tests that only read it: copy it before
-    changing it."""
+    epoch), with its report.html, trained once per session and shared by the tests that only read
+    it: copy it before changing it."""
     root = tmp_path_factory.mktemp("run")
     run = root / "run"
-    assert train(tiny_dataset_shared, run, write_config(root / "tiny.yaml")) == 0
+    assert train(tiny_dataset_shared, run, write_config(root / "tiny.yaml"), "--report") == 0
     return run
 
 

@@ -42,7 +42,7 @@ METRIC_HEADER = [
     "val_auroc",
     "seconds",
 ]
-PREDICTION_HEADER = ["path", "prediction", "prob_healthy", "prob_lesion", "error"]
+PREDICTION_HEADER = ["path", "series_uid", "prediction", "prob_healthy", "prob_lesion", "error"]
 
 # ---------------------------------------------------------------------------------------------- train
 
@@ -55,6 +55,8 @@ def test_train_writes_run_folder(trained_run):
         "last.pt",
         "learning_curves.png",
         "metrics.csv",
+        "report.html",
+        "split.csv",
         "tensorboard",
     ]
     header, rows = read_csv(trained_run / "metrics.csv")
@@ -295,6 +297,8 @@ def test_evaluate_writes_metrics(trained_run, tiny_dataset_shared, tmp_path):
                 "--output-dir",
                 str(out),
                 "--no-progress",
+                "--report-cases",  # one relevance map, not 8 (tests/evaluation/test_report.py)
+                "1",
             ]
         )
         == 0
@@ -304,7 +308,7 @@ def test_evaluate_writes_metrics(trained_run, tiny_dataset_shared, tmp_path):
     for key in ("accuracy", "balanced_accuracy", "auroc"):
         assert 0.0 <= metrics[key] <= 1.0
     header, rows = read_csv(out / "predictions.csv")
-    assert header == ["path", "label", "prediction", "prob_healthy", "prob_lesion"]
+    assert header == ["path", "series_uid", "label", "prediction", "prob_healthy", "prob_lesion"]
     assert len(rows) == 20
     correct = sum(r["label"] == r["prediction"] for r in rows)
     assert metrics["accuracy"] == pytest.approx(correct / 20)
@@ -414,6 +418,7 @@ def test_error_resume_without_a_run(tiny_dataset, tmp_path, capsys):
 
 
 def test_error_no_scans_for_inference(trained_run, tmp_path, capsys):
+    """A folder without scans is not left out silently: it gets an error row (exit status 1)."""
     (tmp_path / "empty").mkdir()
     assert (
         infer_main(
@@ -425,9 +430,12 @@ def test_error_no_scans_for_inference(trained_run, tmp_path, capsys):
                 "--no-progress",
             ]
         )
-        == 2
+        == 1
     )
-    assert_one_line_error(capsys, "volumetric-infer", "no scans")
+    _, rows = read_csv(tmp_path / "p.csv")
+    assert [r["path"] for r in rows] == [str(tmp_path / "empty")]
+    assert rows[0]["prediction"] == "" and "no scans found" in rows[0]["error"]
+    assert "(1 failed)" in capsys.readouterr().out
 
 
 def test_unknown_flag_is_a_usage_error(tiny_dataset, tmp_path, capsys):

@@ -56,6 +56,44 @@ def _data_options(parser: argparse.ArgumentParser, *, cache: bool) -> None:
         )
 
 
+def _report_options(parser: argparse.ArgumentParser, *, cases: int, what: str) -> None:
+    """--report/--no-report, --report-cases, --report-map-steps (evaluation/report.py)."""
+    from volumetric.evaluation.report import REPORT_MAP_STEPS
+
+    parser.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"write report.html, one self-contained page: {what} (default: on)",
+    )
+    parser.add_argument(
+        "--report-cases",
+        type=int,
+        default=cases,
+        metavar="K",
+        help="the K most confident mistakes on the report page, with relevance maps and slices "
+        f"of the scan (default {cases})",
+    )
+    parser.add_argument(
+        "--report-map-steps",
+        type=int,
+        default=REPORT_MAP_STEPS,
+        metavar="M",
+        help="gradient evaluations per relevance map of the report (default "
+        f"{REPORT_MAP_STEPS}; volumetric-infer --maps uses {STEPS})",
+    )
+
+
+def _report(args: argparse.Namespace):
+    """The ReportOptions of --report..., or None with --no-report."""
+    from volumetric.evaluation.report import ReportOptions
+
+    if not args.report:
+        return None
+    anonymize = getattr(args, "anonymize", False)
+    return ReportOptions(args.report_cases, args.report_map_steps, anonymize)
+
+
 def _workers(value: str | None) -> int | str:
     if value is None or value == "auto":
         return "auto"
@@ -145,6 +183,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         "--resume", action="store_true", help="continue the run in --output-dir from its last.pt"
     )
     parser.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="fine-tune: start from this checkpoint's weights (a new head when the classes "
+        "differ; sets train.init; see also train.freeze_blocks)",
+    )
+    parser.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved config (defaults, --config files, overrides) as YAML and exit",
@@ -153,6 +197,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         "--cache-dir",
         help="disk cache of preprocessed volumes, for train.cache: disk (default: "
         "$VOLUMETRIC_CACHE, else ~/.cache/volumetric; see volumetric-cache)",
+    )
+    _report_options(
+        parser, cases=0, what="best.pt on the validation scans, with the training curves"
     )
     parser.epilog = "Any config value can be overridden: --train.epochs=5 --model.attention=softmax"
     return _run(argv, parser, _train, allow_overrides=True)
@@ -173,11 +220,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         config = load_config(args.config, overrides)
     if args.device:
         config.train.device = args.device
+    if args.init:
+        config.train.init = args.init
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
     if args.data is None or args.output_dir is None:
         raise VolumetricError("training needs DATA and --output-dir (see volumetric-train --help)")
+    report = _report(args)  # checked before hours of training, not after
     if resolve_device(config.train.device).type == "cpu":
         # a process-wide choice, so the command's to make, not the library's (see device.py)
         model = config.model
@@ -190,6 +240,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         resume=args.resume,
         progress=not args.no_progress,
         cache_dir=args.cache_dir,
+        report=report,
     )
     if not is_main():  # under torchrun: rank 0 reports
         return 0
@@ -201,6 +252,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     print(f"best epoch {result.best_epoch}: {summary or 'no validation set'}")
     print(f"checkpoints: {result.output_dir / 'best.pt'}, {result.output_dir / 'last.pt'}")
+    if (result.output_dir / "report.html").exists() and report is not None:
+        print(f"report: {result.output_dir / 'report.html'}")
     return 0
 
 
@@ -216,9 +269,19 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--output-dir",
         required=True,
-        help="where metrics.json, predictions.csv, confusion_matrix.png and roc.png go",
+        help="where metrics.json, predictions.csv, confusion_matrix.png, roc.png and report.html go",
     )
     _data_options(parser, cache=True)
+    from volumetric.evaluation.report import REPORT_CASES
+
+    _report_options(
+        parser, cases=REPORT_CASES, what="metrics, plots, every scan, the confident mistakes"
+    )
+    parser.add_argument(
+        "--anonymize",
+        action="store_true",
+        help="report.html without paths (scans are numbered) and without images of scans",
+    )
     return _run(argv, parser, _evaluate)
 
 
@@ -233,6 +296,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
         progress=not args.no_progress,
         cache_dir=args.cache_dir,
         num_workers=_workers(args.num_workers),
+        report=_report(args),
     )
 
     def number(key: str) -> str:
@@ -251,6 +315,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     if metrics["auroc_note"]:
         print(metrics["auroc_note"])
     names = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png")
+    names += ("report.html",) if args.report else ()
     written = [Path(args.output_dir) / name for name in names]
     print(f"wrote {', '.join(map(str, written))}")
     return 0
@@ -265,7 +330,10 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
     parser.add_argument(
-        "inputs", nargs="+", help="scan files, or folders searched recursively for scans"
+        "inputs",
+        nargs="+",
+        help="scan files, or folders searched recursively for scans (scan files, and DICOM "
+        "series: one scan per series), or CSV manifests; each gets at least one row",
     )
     parser.add_argument(
         "--output", default="predictions.csv", help="CSV to write (default: predictions.csv)"
@@ -317,9 +385,8 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
         seed=args.seed,
         map_steps=args.map_steps,
     )
+    # every input gets a row: its scans', or one with the error of an input that gave none
     scans = inference_inputs(args.inputs, channels=predictor.loaded.channels)
-    if not scans:
-        raise VolumetricError(f"no scans found in {' '.join(args.inputs)}")
     maps = Path(args.maps) if args.maps else None
     predictions = predict_to_csv(
         predictor,

@@ -29,6 +29,9 @@ INTENSITY_MODES = ("zscore", "ct", "minmax", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("disk", "memory", "none")
 BAD_SCAN_POLICIES = ("error", "skip")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("shuffle", "balanced")
+SELECTION_KEYS = ("balanced_accuracy", "auroc", "loss")
 
 
 @dataclass
@@ -38,7 +41,10 @@ class ModelConfig:
     depth: int = 6
     num_heads: int = 6
     mlp_ratio: float = 4.0
-    attention: str = "seqnorm"  # "seqnorm" (linear) or "softmax" (SDPA reference)
+    # seqnorm: Q, K and V sequence-normalized (the method, linear); seqnorm_qk: Q and K only;
+    # sima: SimA's L1-normalized Q and K (linear); softmax: the SDPA reference (quadratic)
+    attention: str = "seqnorm"
+    seqnorm_affine: bool = False  # learnable per-feature scale and shift after the normalization
     dropout: float = 0.0
     grad_checkpointing: bool = (
         False  # recompute each block in backward: activation memory of one block
@@ -78,10 +84,17 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    # imbalanced classes: balanced weighs each class's loss by n / (classes * n_class)
+    class_weights: str = "none"
+    # shuffle: each scan once per epoch; balanced: draws with replacement, classes equally often
+    sampler: str = "shuffle"
+    select: str = "balanced_accuracy"  # what picks best.pt: balanced_accuracy, auroc or loss
     grad_accum_steps: int = 1
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     val_fraction: float = 0.2  # held out of the training data when no --val is given
     seed: int = 0
+    init: str | None = None  # checkpoint whose weights start the run (new head for other classes)
+    freeze_blocks: int = 0  # keep the patch embedding and the first K blocks fixed (fine-tuning)
     num_workers: int | str = (
         "auto"  # data loading processes; auto: one per CPU beyond the first, none on 2 CPUs
     )
@@ -143,10 +156,28 @@ class Config:
                 raise ConfigError(f"config train.{name} must be at least 1, got {getattr(t, name)}")
         if not 0.0 <= t.val_fraction < 1.0:
             raise ConfigError(f"config train.val_fraction must be in [0, 1), got {t.val_fraction}")
+        if t.freeze_blocks < 0 or t.freeze_blocks > 0 and m.arch != "vit3d":
+            raise ConfigError(
+                f"config train.freeze_blocks={t.freeze_blocks} must be 0, or 1 to model.depth "
+                "for a vit3d model"
+            )
+        if t.freeze_blocks > m.depth:
+            raise ConfigError(
+                f"config train.freeze_blocks={t.freeze_blocks} exceeds model.depth={m.depth}"
+            )
         if t.lr <= 0:
             raise ConfigError(f"config train.lr must be positive, got {t.lr}")
         if t.cache not in CACHE_MODES:
             raise ConfigError(f"config train.cache={t.cache!r} is not one of {CACHE_MODES}")
+        for name, allowed in (
+            ("class_weights", CLASS_WEIGHTS),
+            ("sampler", SAMPLERS),
+            ("select", SELECTION_KEYS),
+        ):
+            if getattr(t, name) not in allowed:
+                raise ConfigError(
+                    f"config train.{name}={getattr(t, name)!r} is not one of {allowed}"
+                )
         if not (t.num_workers == "auto" or isinstance(t.num_workers, int) and t.num_workers >= 0):
             raise ConfigError(
                 f"config train.num_workers={t.num_workers!r} must be auto or a count, 0 or more"
@@ -312,7 +343,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = _parse_yaml(path.read_text()) or {}
+        raw = _parse_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as error:

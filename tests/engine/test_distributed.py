@@ -199,7 +199,7 @@ def test_helpers_without_torchrun_change_nothing(monkeypatch):
 def test_two_processes_write_one_run_folder(ddp_run):
     run, done = ddp_run
     names = {p.name for p in run.iterdir()}
-    assert {"best.pt", "last.pt", "metrics.csv", "config.yaml"} <= names
+    assert {"best.pt", "last.pt", "metrics.csv", "config.yaml", "report.html"} <= names
     assert not any(name.endswith(".tmp") for name in names)
     rows = metric_rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]  # one row per epoch: written by rank 0 alone

@@ -23,6 +23,8 @@ def test_evaluate_writes_report_files(trained_run, tiny_dataset_shared, tmp_path
                 "--output-dir",
                 str(out),
                 "--no-progress",
+                "--report-cases",  # report.html by default; its cases: tests/evaluation/test_report.py
+                "0",
             ]
         )
         == 0
@@ -31,6 +33,7 @@ def test_evaluate_writes_report_files(trained_run, tiny_dataset_shared, tmp_path
         "confusion_matrix.png",
         "metrics.json",
         "predictions.csv",
+        "report.html",
         "roc.png",
     ]
     metrics = json.loads((out / "metrics.json").read_text())

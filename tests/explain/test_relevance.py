@@ -297,7 +297,7 @@ def test_bad_scan_gets_its_error_row_and_no_map(maps_run):
     are the usual ones, and every other scan has its row and its two map files, nothing else."""
     code, header, rows, maps, _ = maps_run
     assert code == 1
-    assert header == ["path", "prediction", "prob_healthy", "prob_lesion", "error"]
+    assert header == ["path", "series_uid", "prediction", "prob_healthy", "prob_lesion", "error"]
     assert (
         rows["broken"]["error"]
         and rows["broken"]["prediction"] == ""

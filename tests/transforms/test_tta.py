@@ -16,9 +16,10 @@ from volumetric.inference import Predictor
 from volumetric.models.vit3d import VolumeTransformer
 from volumetric.transforms.tta import build_tta
 
-HEADER = ["path", "prediction", "prob_healthy", "prob_lesion", "error"]
+HEADER = ["path", "series_uid", "prediction", "prob_healthy", "prob_lesion", "error"]
 TTA_HEADER = [
     "path",
+    "series_uid",
     "prediction",
     "prob_healthy",
     "prob_lesion",

@@ -1,5 +1,6 @@
 """EpochSampler: the shuffled order of one epoch, fixed by (seed, epoch), resumable mid-epoch, and
-split into equal shards when several processes train together."""
+split into equal shards when several processes train together. BalancedEpochSampler: the same, but
+each epoch's items are drawn with replacement so that every class appears equally often."""
 
 from __future__ import annotations
 
@@ -33,10 +34,13 @@ class EpochSampler(Sampler[int]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.start = 0, 0
 
+    def generator(self) -> torch.Generator:
+        """The epoch's random stream, from (seed, epoch) alone: the same on every rank and run."""
+        return torch.Generator().manual_seed(self.seed * 100_019 + self.epoch)
+
     def order(self) -> list[int]:
         """The whole epoch's permutation, the same on every rank."""
-        generator = torch.Generator().manual_seed(self.seed * 100_019 + self.epoch)
-        return torch.randperm(self.n, generator=generator).tolist()
+        return torch.randperm(self.n, generator=self.generator()).tolist()
 
     def shard(self) -> list[int]:
         """The items this rank yields, in order."""
@@ -55,6 +59,34 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         rest = max(self.n - self.start, 0)
         return -(-rest // self.num_replicas)
+
+
+class BalancedEpochSampler(EpochSampler):
+    """An `EpochSampler` whose epoch is ``n`` indices drawn with replacement, item i with weight
+    1 / (training items of i's class), so that each class makes up 1 / (number of classes) of an
+    epoch in expectation: minority items recur within an epoch, majority items are left out of
+    some epochs. Only `order` differs; the draw comes from the same (seed, epoch) stream, so
+    resuming with ``start`` and the padded, strided shards of several processes work as for the
+    shuffled epoch. Augmentation is seeded by (seed, epoch, index) (see `EpochKeys`), so an item
+    drawn twice in one epoch gets the same random view both times; other epochs give other views.
+
+    ``labels``: the class index of each training item, in data set order.
+    """
+
+    def __init__(self, labels: list[int], seed: int, *, num_replicas: int = 1, rank: int = 0):
+        super().__init__(len(labels), seed, num_replicas=num_replicas, rank=rank)
+        label_tensor = torch.as_tensor(labels, dtype=torch.int64)  # (n,)
+        counts = torch.bincount(label_tensor).to(torch.float64)  # (classes,)
+        self.weights = (1.0 / counts)[label_tensor] if len(labels) else counts  # (n,)
+
+    def order(self) -> list[int]:
+        """The epoch's ``n`` draws, the same on every rank."""
+        if self.n == 0:
+            return []
+        draws = torch.multinomial(
+            self.weights, self.n, replacement=True, generator=self.generator()
+        )
+        return draws.tolist()
 
 
 def strided_shard(n: int, rank: int, num_replicas: int) -> list[int]:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from volumetric.checkpoint import load_checkpoint
 from volumetric.config import Config
 from volumetric.data.cache import disk_cache_for
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices
 from volumetric.data.loading import available_cpus, loader_options, resolve_workers
 from volumetric.data.preflight import screen
-from volumetric.data.sampler import EpochKeys, EpochSampler, strided_shard
+from volumetric.data.sampler import (
+    BalancedEpochSampler,
+    EpochKeys,
+    EpochSampler,
+    strided_shard,
+)
 from volumetric.data.source import Entry, ScanSource
-from volumetric.data.split import stratified_split
+from volumetric.data.split import hash_groups, stratified_split
 from volumetric.device import autocast, autocast_dtype
 from volumetric.engine.distributed import World, all_gather_objects
+from volumetric.engine.finetune import freeze_blocks, load_initial_weights, trainable
 from volumetric.engine.schedule import warmup_cosine
 from volumetric.errors import VolumetricError
 from volumetric.layers.patch_embed import as_triple
@@ -69,6 +76,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     data_summary: dict[str, Any]  # dataset_summary.json (volumetric/data/preflight.py)
+    split: list[tuple[Entry, str]] = field(default_factory=list)  # split.csv: (scan, role)
+    training_groups: dict[str, Any] | None = None  # hashed groups of the training split
 
     @property
     def last_path(self) -> Path:
@@ -87,6 +96,7 @@ class Run:
             class_names=self.class_names,
             preprocessing=preprocessing_settings(self.config),
             config=self.config.to_dict(),
+            training_groups=self.training_groups,
         )
 
     def batches_remaining(self) -> int:
@@ -124,7 +134,9 @@ def set_up(
 ) -> Run:
     """Check the run folder and the data, then build data sets, loaders, model and optimizer."""
     _check_run_folder(output_dir, resume)
-    class_names, train_pairs, val_pairs = split_data(config, train_items, val_items)
+    init = config.train.init and not resume and config.train.init  # last.pt has the weights
+    initial = load_checkpoint(init) if init else None  # read now: a wrong file fails at once
+    class_names, train_pairs, val_pairs, split = split_data(config, train_items, val_items)
     train_pairs, val_pairs, summary = screen_data(
         config, class_names, train_pairs, val_pairs, world, cache_dir
     )
@@ -132,7 +144,11 @@ def set_up(
     data = _data(config, train_pairs, val_pairs, world, device, cache_dir)
     arch = config.model.arch
     model_args = model_arguments(arch, asdict(config.model), len(class_names))
-    model = build_model(arch, model_args).to(device)  # the first draw from the seeded global RNG
+    model = build_model(arch, model_args)  # the first draw from the seeded global RNG
+    if initial is not None:
+        load_initial_weights(model, arch, class_names, initial, init)
+    freeze_blocks(model, config.train.freeze_blocks)
+    model = model.to(device)
     steps_per_epoch = math.ceil(
         math.ceil(len(data["sampler"]) / config.train.batch_size) / config.train.grad_accum_steps
     )
@@ -151,10 +167,34 @@ def set_up(
         steps_per_epoch=steps_per_epoch,
         total_steps=config.train.epochs * steps_per_epoch,
         data_summary=summary,
-        criterion=nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing),
+        split=split,
+        training_groups=training_group_hashes(split),
+        criterion=build_criterion(config, [y for _, y in train_pairs], class_names).to(device),
         **data,
         **_optimization(model, config, steps_per_epoch, device, dtype),
     )
+
+
+def balanced_class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    """n_samples / (n_classes * n_class) for each class, from the training labels: (num_classes,).
+    Every class then carries the same share of the loss; a class without items gets weight 0."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.int64), minlength=num_classes)
+    weights = len(labels) / (num_classes * counts.to(torch.float32).clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
+def build_criterion(config: Config, labels: list[int], class_names: list[str]) -> nn.Module:
+    """The training loss: cross-entropy with label smoothing, weighted per class when
+    ``train.class_weights`` is balanced (so train_loss is the weighted loss being optimized).
+    The validation loss (evaluation/predict.py) stays plain cross-entropy, unweighted and
+    unsmoothed, so that val_loss compares across runs whatever the class weights."""
+    t = config.train
+    weight = None
+    if t.class_weights == "balanced":
+        weight = balanced_class_weights(labels, len(class_names))
+        shown = ", ".join(f"{name} {w:.3f}" for name, w in zip(class_names, weight.tolist()))
+        log.info("class weights of the training loss: %s", shown)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
 
 
 def distribute(run: Run) -> None:
@@ -177,9 +217,15 @@ def _check_run_folder(output_dir: Path, resume: bool) -> None:
 
 def split_data(
     config: Config, train_items: list[Entry], val_items: list[Entry] | None
-) -> tuple[list[str], list[tuple[ScanSource, int]], list[tuple[ScanSource, int]]]:
-    """Class names (sorted), training and validation (path, class index) pairs; without
-    ``val_items``, a seeded stratified split of the training items."""
+) -> tuple[
+    list[str],
+    list[tuple[ScanSource, int]],
+    list[tuple[ScanSource, int]],
+    list[tuple[Entry, str]],
+]:
+    """Class names (sorted), training and validation (path, class index) pairs, and the split as
+    (entry, role "train" or "validation") rows for split.csv. Without ``val_items``, a seeded
+    stratified split of the training items that keeps each group whole (volumetric/data/split.py)."""
     t = config.train
     class_names = sorted({item.label for item in train_items})
     if len(class_names) < 2:
@@ -189,22 +235,54 @@ def split_data(
     train_pairs = class_indices(train_items, class_names, "training data")
     if val_items is not None:
         val_pairs = class_indices(val_items, class_names, "validation data")
+        split = [(e, "train") for e in train_items] + [(e, "validation") for e in val_items]
+        shared = {e.group for e in train_items} & {e.group for e in val_items} - {None}
+        if shared:
+            log.warning(
+                "%d group(s) have scans in both the training and the validation data (e.g. %s)",
+                len(shared),
+                ", ".join(sorted(shared)[:3]),
+            )
     else:
-        train_idx, val_idx = stratified_split([y for _, y in train_pairs], t.val_fraction, t.seed)
+        labels, groups = [y for _, y in train_pairs], [e.group for e in train_items]
+        train_idx, val_idx = stratified_split(
+            labels, t.val_fraction, t.seed, groups=groups, class_names=class_names
+        )
         val_pairs = [train_pairs[i] for i in val_idx]
         train_pairs = [train_pairs[i] for i in train_idx]
+        split = [(train_items[i], "train") for i in train_idx]
+        split += [(train_items[i], "validation") for i in val_idx]
     if config.data.target_shape is None and t.batch_size > 1:
         raise VolumetricError(
             "train.batch_size must be 1 when data.target_shape is empty (each scan keeps its own "
             "size); set data.target_shape to batch scans"
         )
     log.info(
-        "classes %s: %d training and %d validation scans",
+        "classes %s: %d training and %d validation scans%s",
         class_names,
         len(train_pairs),
         len(val_pairs),
+        _group_counts(split),
     )
-    return class_names, train_pairs, val_pairs
+    return class_names, train_pairs, val_pairs, split
+
+
+def _group_counts(split: list[tuple[Entry, str]]) -> str:
+    """The log's ' (G training and H validation groups)' when the data names groups, else ''."""
+    if all(entry.group is None for entry, _ in split):
+        return ""
+    counts = [
+        len({e.group if e.group is not None else i for i, (e, r) in enumerate(split) if r == role})
+        for role in ("train", "validation")
+    ]
+    return f" ({counts[0]} training and {counts[1]} validation groups)"
+
+
+def training_group_hashes(split: list[tuple[Entry, str]]) -> dict[str, Any] | None:
+    """What checkpoints record of the training split's groups (salted hashes, see
+    volumetric/data/split.py); None when the data names no groups."""
+    groups = [entry.group for entry, role in split if role == "train" and entry.group is not None]
+    return hash_groups(groups) if groups else None
 
 
 def screen_data(
@@ -273,8 +351,13 @@ def _data(
     train_set = _dataset(config, train_pairs, cache_dir, build_augmentation(config.augment))
     val_set = _dataset(config, val_pairs, cache_dir)
     options = loader_options(resolve_workers(t.num_workers), pin_memory=device.type == "cuda")
-    # every process draws the same permutation per epoch and takes its own shard of it
-    sampler = EpochSampler(len(train_set), t.seed, num_replicas=world.size, rank=world.rank)
+    # every process draws the same order per epoch (a permutation, or with train.sampler: balanced
+    # class-balanced draws with replacement) and takes its own shard of it
+    shards = dict(num_replicas=world.size, rank=world.rank)
+    if t.sampler == "balanced":
+        sampler = BalancedEpochSampler([y for _, y in train_pairs], t.seed, **shards)
+    else:
+        sampler = EpochSampler(len(train_set), t.seed, **shards)
     # loaders draw their workers' base seeds from their own generators, not from the global RNG
     # that dropout uses, so that creating an iterator does not shift a resumed run
     train_loader = DataLoader(
@@ -309,8 +392,8 @@ def _optimization(
 ) -> dict[str, Any]:
     """AdamW (no weight decay on biases and norm weights), warm-up + cosine schedule, fp16 scaler."""
     t = config.train
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and norm weights
+    decay = [p for p in trainable(model) if p.ndim >= 2]
+    no_decay = [p for p in trainable(model) if p.ndim < 2]  # biases and norm weights
     groups = [
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

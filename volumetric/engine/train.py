@@ -1,8 +1,9 @@
 """The training loop: set up, restore, then per epoch train, validate, save.
 
 AdamW, warm-up + cosine schedule, label smoothing, gradient accumulation, validation after every
-epoch, best.pt (highest validation balanced accuracy, then lowest loss) and last.pt, metrics.csv
-plus TensorBoard logs and learning_curves.png (run_log.py).
+epoch, best.pt (the best validation epoch by ``train.select``: balanced accuracy, AUROC or loss;
+see `selection_score`) and last.pt, metrics.csv plus TensorBoard logs and learning_curves.png
+(run_log.py).
 
 Exact resumption: every epoch reseeds the global RNG (augmentation, dropout) and draws its batch
 order from ``(seed, epoch)``, so a run resumed from ``last.pt`` follows the same path as one never
@@ -49,7 +50,10 @@ from volumetric.engine.interrupt import StopSignals, TrainingInterrupted
 from volumetric.engine.run_log import RunLog
 from volumetric.engine.setup import Run, distribute, set_up
 from volumetric.errors import VolumetricError
+from volumetric.evaluation.evaluate import report_after_training
 from volumetric.evaluation.predict import Predictions, predict
+from volumetric.evaluation.report import ReportOptions, TrainingRecord
+from volumetric.inference import load_model
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +115,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    report: ReportOptions | None = None,
 ) -> TrainResult:
     """Train a classifier (config.model.arch) on (path, class name) items; writes checkpoints and
     logs to output_dir. Without ``val_items`` a stratified split of the training items validates.
     ``cache_dir``: where ``train.cache: disk`` keeps preprocessed volumes (default: see
-    volumetric/data/cache.py)."""
+    volumetric/data/cache.py). ``report``: at the end, rank 0 writes report.html of best.pt on the
+    validation scans (volumetric/evaluation/report.py)."""
     with distributed_session(config.train.device) as (world, device):
         run = set_up(
             config,
@@ -144,7 +150,14 @@ def train(
                 if world.is_main:
                     run_log.log_epoch(state.history)
                 stop_if_signalled(run, stop, epoch)
+    if report is not None and world.is_main:  # after the session: no other process waits on it
+        given = "the validation data given (--val)" if val_items is not None else None
+        write_run_report(run, state, report, given, progress=progress, cache_dir=cache_dir)
     best = state.history[state.best_epoch - 1]
+    if world.is_main and "val_loss" in best:
+        log.info(
+            "best.pt: epoch %d, picked by train.select=%s", state.best_epoch, config.train.select
+        )
     return TrainResult(run.output_dir, run.class_names, state.best_epoch, best, state.history)
 
 
@@ -152,9 +165,11 @@ def train(
 
 
 def start_run_folder(run: Run) -> None:
-    """config.yaml, dataset_summary.json and, when scans were left out, skipped_scans.csv."""
+    """config.yaml, split.csv, dataset_summary.json and, when scans were left out,
+    skipped_scans.csv."""
     run.output_dir.mkdir(parents=True, exist_ok=True)
     save_config(run.config, run.output_dir / "config.yaml")
+    write_split(run.output_dir / "split.csv", run.split)
     summary = run.data_summary
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     atomic_write_text(run.output_dir / "dataset_summary.json", text)
@@ -170,6 +185,16 @@ def start_run_folder(run: Run) -> None:
         summary["preprocessed_shape"],
         run.output_dir / "dataset_summary.json",
     )
+
+
+SPLIT_COLUMNS = ["path", "series_uid", "label", "group", "role"]
+
+
+def write_split(path: Path, split: list[tuple[Entry, str]]) -> None:
+    """split.csv: every scan of the training and validation data (the pre-flight's skipped ones
+    too) with its role, train or validation; group empty where the data names none."""
+    rows = [[e.source.path, e.source.series_uid, e.label, e.group or "", role] for e, role in split]
+    atomic_write_csv(path, SPLIT_COLUMNS, rows)
 
 
 def restore(run: Run) -> RunState:
@@ -199,11 +224,28 @@ def restore(run: Run) -> RunState:
         partial=training.get("partial"),
         world_size=training.get("world_size", 1),
     )
+    _rescore_best(run, state, training.get("select", "balanced_accuracy"))
     if state.world_size != run.world.size:
         _reschedule(run, state)
     batch = f", batch {state.partial['batch']}" if state.partial else ""
     log.info("resuming %s after epoch %d%s", run.output_dir, state.epoch, batch)
     return state
+
+
+def _rescore_best(run: Run, state: RunState, saved_select: str) -> None:
+    """The best-so-far score, recomputed from best.pt's row of the history with this run's
+    ``train.select``: a resume that changes the key compares later epochs with best.pt by the new
+    key (the weights of other past epochs are gone, so best.pt stays until one beats it)."""
+    select = run.config.train.select
+    if state.best_epoch:
+        state.best_score = selection_score(state.history[state.best_epoch - 1], select)
+    if saved_select != select and state.best_epoch:
+        log.warning(
+            "best.pt (epoch %d) was picked by train.select=%s; from now on %s picks it",
+            state.best_epoch,
+            saved_select,
+            select,
+        )
 
 
 def _reschedule(run: Run, state: RunState) -> None:
@@ -397,15 +439,35 @@ def finish_epoch(run: Run, state: RunState, totals: EpochProgress, *, progress: 
     state.history.append(row)
     state.epoch = totals.epoch + 1
     log.info("epoch %d/%d  %s", state.epoch, run.config.train.epochs, format_row(row))
-    # best: highest validation balanced accuracy, then lowest loss (without validation: the last)
-    if val_metrics:
-        score = [val_metrics["balanced_accuracy"], -val_metrics["loss"]]
-    else:
-        score = [totals.epoch, 0.0]
+    select = run.config.train.select
+    score = selection_score(row, select)
     improved = score > state.best_score  # the same on every process: computed from the same rows
     if improved:
         state.best_score, state.best_epoch = score, state.epoch
+        if val_metrics:
+            value = row[f"val_{select}"]
+            log.info("best epoch so far: %d, by train.select=%s (%.4f)", state.epoch, select, value)
     return improved
+
+
+def selection_score(row: dict[str, float], select: str) -> list[float]:
+    """How good the epoch of a metrics row is for best.pt, by ``train.select``; greater is better
+    (lists compare item by item, the second breaks ties):
+
+        balanced_accuracy   [balanced accuracy, -loss]
+        auroc               [AUROC, -loss]
+        loss                [-loss, balanced accuracy]
+
+    Undefined (NaN) values count as -inf. Without validation the latest epoch is best."""
+    if "val_loss" not in row:
+        return [row["epoch"] - 1, 0.0]
+    loss, balanced = -row["val_loss"], row["val_balanced_accuracy"]
+    score = {
+        "balanced_accuracy": [balanced, loss],
+        "auroc": [row["val_auroc"], loss],
+        "loss": [loss, balanced],
+    }[select]
+    return [v if math.isfinite(v) else -math.inf for v in score]
 
 
 def format_row(row: dict[str, float]) -> str:
@@ -449,6 +511,7 @@ def write_checkpoint(run: Run, path: Path, state: RunState, *, resumable: bool) 
             history=state.history,
             best_score=state.best_score,
             best_epoch=state.best_epoch,
+            select=run.config.train.select,  # the key best_score was computed by
             partial=state.partial,
             world_size=run.world.size,
         )
@@ -472,3 +535,32 @@ def save(run: Run, state: RunState, improved: bool) -> None:
     write_checkpoint(run, run.last_path, state, resumable=True)
     rows = [[r.get(c, "") for c in METRIC_COLUMNS] for r in state.history]
     atomic_write_csv(run.output_dir / "metrics.csv", METRIC_COLUMNS, rows)
+
+
+def write_run_report(
+    run: Run,
+    state: RunState,
+    options: ReportOptions,
+    source: str | None,
+    *,
+    progress: bool,
+    cache_dir: str | Path | None,
+) -> None:
+    """report.html in the run folder: best.pt on the validation scans, with the training curves."""
+    if not run.best_path.exists():
+        return
+    loaded = load_model(run.best_path, device=str(run.device), precision=run.config.train.precision)
+    fraction = run.config.train.val_fraction
+    source = source or f"a stratified {fraction:g} of the training data (train.val_fraction)"
+    select = getattr(run.config.train, "select", "balanced_accuracy")
+    training = TrainingRecord(state.history, state.best_epoch, run.output_dir, source, select)
+    report_after_training(
+        loaded,
+        run.val_set.items,
+        training,
+        options,
+        progress=progress,
+        cache=run.config.train.cache,
+        cache_dir=cache_dir,
+        num_workers=run.config.train.num_workers,
+    )

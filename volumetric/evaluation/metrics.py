@@ -8,6 +8,10 @@ Two entry points:
   per-class precision/recall/F1/support/AUROC, the confusion matrix and a seeded bootstrap 95%
   confidence interval of the macro AUROC. JSON-ready: undefined values are ``None``, with a reason.
 
+The bootstrap draws scans; when the scans come in groups (e.g. several scans of one patient), it
+draws groups, each with all its scans (a cluster bootstrap): scans of one patient are not
+independent evidence, and drawing them one by one would make the interval too narrow.
+
 AUROC is one-vs-rest per class; the macro AUROC is the mean over the classes present in the labels
 (a class with no scan has no positives, so its curve is undefined). With fewer than two classes
 present, AUROC is undefined.
@@ -96,8 +100,11 @@ def bootstrap_auroc(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
     level: float = BOOTSTRAP_LEVEL,
+    groups: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
-    """Percentile bootstrap confidence interval of the macro AUROC: scans drawn with replacement.
+    """Percentile bootstrap confidence interval of the macro AUROC: scans drawn with replacement;
+    with ``groups`` naming any group (one per scan, None: a scan of its own), groups drawn with
+    replacement, all scans of each (``unit`` says which, ``groups`` counts them).
 
     A resample that misses one of the classes present in ``labels`` is skipped (its macro AUROC would
     average other classes, or be undefined); ``used`` counts the rest. ``low``/``high`` are NaN when
@@ -105,12 +112,19 @@ def bootstrap_auroc(
     """
     present = np.unique(labels)
     rng = np.random.default_rng(seed)
+    clusters = (
+        _clusters(groups) if groups is not None and any(g is not None for g in groups) else None
+    )
     values = []
     if len(present) >= 2:
         for _ in range(resamples):
-            # (N,) scans drawn with replacement
-            idx = rng.integers(0, len(labels), size=len(labels))
-            sample = labels[idx]  # (N,)
+            if clusters is None:  # (N,) scans drawn with replacement
+                idx = rng.integers(0, len(labels), size=len(labels))
+            else:  # (M,) the scans of G groups drawn with replacement
+                idx = np.concatenate(
+                    [clusters[g] for g in rng.integers(0, len(clusters), size=len(clusters))]
+                )
+            sample = labels[idx]  # (N,) or (M,)
             if len(np.unique(sample)) == len(present):
                 values.append(macro_auroc(probs[idx], sample))
     tail = (1.0 - level) / 2.0
@@ -122,7 +136,17 @@ def bootstrap_auroc(
         "resamples": resamples,
         "used": len(values),
         "seed": seed,
+        "unit": "scan" if clusters is None else "group",
+        **({} if clusters is None else {"groups": len(clusters)}),
     }
+
+
+def _clusters(groups: Sequence[str | None]) -> list[np.ndarray]:
+    """The scan indices of each group, in order of first appearance; a scan without one is alone."""
+    members: dict[Any, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(("group", group) if group is not None else ("scan", i), []).append(i)
+    return [np.asarray(m, dtype=np.int64) for m in members.values()]
 
 
 def roc_curves(
@@ -156,14 +180,18 @@ def evaluation_report(
     loss: float | None = None,
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    groups: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """probs (N, C), labels (N,) → the JSON-ready metrics of ``volumetric-evaluate``.
 
     Keys: num_scans, loss, accuracy, balanced_accuracy, auroc, auroc_ci95 ([low, high] or null),
-    auroc_bootstrap (resamples, used, seed, level), auroc_note (why auroc or its interval is null,
-    else null), class_names, per_class ({name: precision, recall, f1, support, auroc}) and
-    confusion_matrix (rows: true class, columns: predicted class, both in class_names order).
+    auroc_bootstrap (resamples, used, seed, level, unit: "scan", or "group" and the number of
+    ``groups``), auroc_note (why auroc or its interval is null, else null), class_names,
+    per_class ({name: precision, recall, f1, support, auroc}) and confusion_matrix (rows: true
+    class, columns: predicted class, both in class_names order).
     Precision of a class never predicted, and recall of a class absent from labels, are null.
+    ``groups`` (one per scan; None: a scan of its own) naming any group make the bootstrap draw
+    groups (see `bootstrap_auroc`).
     """
     p, y = _arrays(probs, labels)
     num_classes = len(class_names)
@@ -178,7 +206,9 @@ def evaluation_report(
         y, predictions, labels=class_ids, zero_division=np.nan
     )
     aurocs = per_class_auroc(p, y)
-    interval = bootstrap_auroc(p, y, resamples=bootstrap_resamples, seed=seed)
+    if groups is not None and len(groups) != len(y):
+        raise ValueError(f"{len(groups)} groups for {len(y)} scans")
+    interval = bootstrap_auroc(p, y, resamples=bootstrap_resamples, seed=seed, groups=groups)
 
     present = [class_names[c] for c in np.unique(y)]
     if len(y) == 0:
@@ -197,7 +227,11 @@ def evaluation_report(
         "balanced_accuracy": _json_number(basic["balanced_accuracy"]),
         "auroc": _json_number(basic["auroc"]),
         "auroc_ci95": ci,
-        "auroc_bootstrap": {k: interval[k] for k in ("resamples", "used", "seed", "level")},
+        "auroc_bootstrap": {
+            k: interval[k]
+            for k in ("resamples", "used", "seed", "level", "unit", "groups")
+            if k in interval
+        },
         "auroc_note": note,
         "class_names": list(class_names),
         "per_class": {

@@ -1,0 +1,92 @@
+"""Fine-tuning: start a run from another checkpoint's weights, and freeze the first blocks.
+
+``volumetric-train DATA --init CHECKPOINT`` (``train.init``) copies every weight of the checkpoint
+into the new model, except the classification head when the classes differ: the head then keeps
+its fresh initialization. The position embedding is computed from each scan's token grid, not
+learned, so the checkpoint may come from scans of any size. ``train.freeze_blocks: K`` keeps the
+patch embedding and the first K Transformer blocks as they are (no gradient, no weight decay);
+the later blocks, the final norm and the head train.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from volumetric.errors import VolumetricError
+from volumetric.models.registry import HEADS
+
+log = logging.getLogger(__name__)
+
+
+def load_initial_weights(
+    model: nn.Module,
+    arch: str,
+    class_names: list[str],
+    checkpoint: dict[str, Any],
+    init: str | Path,
+) -> None:
+    """Copy the weights of ``checkpoint`` (loaded from ``init`` by `load_checkpoint`) into
+    ``model`` (an ``arch`` for ``class_names``); a VolumetricError when the architectures differ
+    in anything but the head."""
+    if checkpoint["arch"] != arch:
+        raise VolumetricError(
+            f"{init}: --init checkpoint is a {checkpoint['arch']} model, this run trains {arch}"
+        )
+    new_head = list(checkpoint["class_names"]) != list(class_names)
+    source, target = checkpoint["model"], model.state_dict()
+    copied = {}
+    for key, value in target.items():
+        if key not in source or (new_head and key.startswith(HEADS[arch])):
+            continue
+        if source[key].shape != value.shape:
+            raise VolumetricError(
+                f"{init}: --init checkpoint does not fit this model: {key} is "
+                f"{tuple(source[key].shape)} there, {tuple(value.shape)} here (same "
+                "model.embed_dim, depth, num_heads, mlp_ratio, patch_size and in_channels needed)"
+            )
+        copied[key] = source[key]
+    model.load_state_dict(copied, strict=False)
+    fresh = sorted(set(target) - set(copied))
+    log.info(
+        "initialized from %s: %d of %d tensors copied%s",
+        init,
+        len(copied),
+        len(target),
+        f"; kept fresh: {', '.join(fresh)}" if fresh else "",
+    )
+    if new_head:
+        log.info(
+            "new classification head: classes %s here, %s in %s",
+            class_names,
+            checkpoint["class_names"],
+            init,
+        )
+
+
+def freeze_blocks(model: nn.Module, count: int) -> None:
+    """Stop gradients into the patch embedding and the first ``count`` blocks of a ViT."""
+    if count == 0:
+        return
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise VolumetricError(
+            f"train.freeze_blocks needs a vit3d model, this one is a {type(model).__name__}"
+        )
+    if count > len(blocks):
+        raise VolumetricError(
+            f"train.freeze_blocks={count}, but the model has {len(blocks)} blocks"
+        )
+    for module in [model.patch_embed, *blocks[:count]]:
+        module.requires_grad_(False)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("frozen: patch embedding and blocks 0-%d (%d of %d weights)", count - 1, frozen, total)
+
+
+def trainable(model: nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
