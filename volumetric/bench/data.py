@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from volumetric.atomic_files import atomic_write_bytes, atomic_write_text
+from volumetric.data.source import Entry, ScanSource
 from volumetric.errors import VolumetricError
 
 CLASSES = ("no_lesion", "lesion")  # class i % 2 of scan i; "lesion" scans carry a brighter blob
@@ -308,7 +309,11 @@ def train_run(settings, train_items, val_items, out: Path, cache: Path, workers)
     config = bench_config(settings, workers)
     with MemorySampler(settings.sample_every_s) as memory, instrumented(memory) as epochs:
         started = time.perf_counter()
-        train(config, train_items, val_items, out, progress=False, cache_dir=cache)
+        entries = [
+            [Entry(ScanSource.of(path), label) for path, label in items]
+            for items in (train_items, val_items)
+        ]
+        train(config, *entries, out, progress=False, cache_dir=cache)
     gc.collect()  # the run's persistent DataLoader workers exit now, not in the next run's samples
     with (out / "metrics.csv").open(newline="") as handle:
         seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]  # one per epoch
