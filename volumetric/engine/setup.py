@@ -134,7 +134,7 @@ def set_up(
 ) -> Run:
     """Check the run folder and the data, then build data sets, loaders, model and optimizer."""
     _check_run_folder(output_dir, resume)
-    init = config.train.init and not resume and config.train.init  # last.pt has the weights
+    init = None if resume else config.train.init  # a resumed run's weights come from last.pt
     initial = load_checkpoint(init) if init else None  # read now: a wrong file fails at once
     class_names, train_pairs, val_pairs, split = split_data(config, train_items, val_items)
     train_pairs, val_pairs, summary = screen_data(
@@ -392,8 +392,9 @@ def _optimization(
 ) -> dict[str, Any]:
     """AdamW (no weight decay on biases and norm weights), warm-up + cosine schedule, fp16 scaler."""
     t = config.train
-    decay = [p for p in trainable(model) if p.ndim >= 2]
-    no_decay = [p for p in trainable(model) if p.ndim < 2]  # biases and norm weights
+    params = trainable(model)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases and norm weights
     groups = [
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
