@@ -7,6 +7,7 @@ other attention variants and MONAI's DenseNet121, with a paired non-inferiority 
                               [--single-seed-models seqnorm_qk sima densenet121]
                               [--data DIR] [--config YAML] [--runs runs/compare]
                               [--override KEY=VALUE ...] [--output docs/results.md]
+                              [--report-only]
 
 Every model gets the task's data, preprocessing, augmentation, optimiser and epoch budget (the
 task's config; only the model and ``train.seed`` change), is trained with volumetric-train, and
@@ -20,6 +21,8 @@ Each run lives in ``<runs>/<task>/<model>-s<seed>-<epochs>ep``. A finished run i
 interrupted one resumed, a finished one whose test set changed only re-evaluated. As soon as a run
 is done its numbers go to ``compare.json`` in its folder and the task's section of the Markdown
 output is rewritten from every run finished so far, so an interrupted study loses nothing.
+``--report-only`` trains nothing and writes the section from the runs finished with the present
+settings (e.g. runs trained in parallel elsewhere, under other ``--runs`` folders, and copied here).
 
 The section gives, per model, the mean and sample standard deviation over seeds of the test
 accuracy, balanced accuracy and AUROC and the median time per epoch; then seq-norm minus softmax,
@@ -342,14 +345,20 @@ def _epoch_rows(run_dir: Path) -> list[dict[str, str]]:
         return []
 
 
+def finished_record(study: Study, model: str, seed: int) -> dict | None:
+    """The run's compare.json when it finished with the study's present settings, else None."""
+    record = _read_json(study.runs / f"{model}-s{seed}-{study.epochs}ep" / "compare.json")
+    return record if record and record.get("settings") == settings_of(study, model, seed) else None
+
+
 def run_one(study: Study, model: str, seed: int) -> dict:
     """Train (or resume, or reuse) and evaluate one run; returns and writes its compare.json."""
     import torch
 
     run_dir = study.runs / f"{model}-s{seed}-{study.epochs}ep"
     settings = settings_of(study, model, seed)
-    record = _read_json(run_dir / "compare.json")
-    if record and record.get("settings") == settings:
+    record = finished_record(study, model, seed)
+    if record is not None:
         return record  # finished earlier with the same settings
     started = _read_json(run_dir / "compare_settings.json")
     if started is not None and started != settings["train"]:
@@ -608,6 +617,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a config override for every run, e.g. train.batch_size=4 (repeatable)",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the runs already finished with these settings",
+    )
     parser.add_argument("--bootstrap-resamples", type=int, default=BOOTSTRAP_RESAMPLES)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
@@ -622,7 +636,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    given = sys.argv[1:] if argv is None else list(argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     study = Study(
         task=args.task,
         data=args.data,
@@ -638,8 +652,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         resamples=args.bootstrap_resamples,
     )
     with exclusive(args.runs):
-        prepare_data(args.task, args.data)
+        if not args.report_only:
+            prepare_data(args.task, args.data)
         for model, seed in study.plan():
+            if args.report_only:  # what finished, e.g. in runs trained elsewhere and copied here
+                record = finished_record(study, model, seed)
+                if record is not None:
+                    study.records[model, seed] = record
+                continue
             study.records[model, seed] = run_one(study, model, seed)
             write_report(study)  # after every run: an interrupted study loses nothing
         text = write_report(study)

@@ -28,7 +28,7 @@ right: only the side of the lesion tells ``left_*`` from ``right_*``, so a left-
 not be used as augmentation on this task.
 
     python scripts/make_demo_data.py OUTPUT_DIR [--task lesion] [--n-train 400] [--n-test 1000]
-                                     [--seed 0] [--spacing 3] [--force]
+                                     [--seed 0] [--spacing 3] [--jobs 4] [--force]
 
 writes ``{train,test}/<class>/sub-XXXX.nii.gz`` (int16, MR-like units) and ``manifest.csv``
 (lesion centres in output voxels and, before the deformation, in MNI mm; equivalent-sphere radii
@@ -45,9 +45,12 @@ import csv
 import functools
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import nibabel as nib
@@ -292,6 +295,38 @@ def is_complete(output: Path, args: dict) -> bool:
     )
 
 
+def write_subject(
+    folder: Path,
+    template: dict[str, np.ndarray],
+    task: str,
+    n_train: int,
+    seed: int,
+    spacing: float,
+    index: int,
+) -> list[str]:
+    """Make subject ``index`` of ``task``, write it under ``folder``; its manifest row."""
+    classes = TASKS[task]
+    split, position = ("train", index) if index < n_train else ("test", index - n_train)
+    label = classes[position % len(classes)]
+    if task == "lesion":
+        rng = np.random.default_rng([seed, index])
+        volume, affine, lesion = make_subject(template, rng, label == "lesion", spacing)
+    else:  # a stream of its own, independent of the lesion set's subject of this index
+        rng = np.random.default_rng([seed, index, 1])
+        volume, affine, lesion = make_subject(template, rng, True, spacing, region=label)
+    path = Path(split, label, f"sub-{index + 1:04d}.nii.gz")
+    image = nib.Nifti1Image(volume, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    (folder / path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, folder / path)
+    centre = [f"{v:.2f}" for v in lesion["centre"]] if lesion else ["", "", ""]
+    mni = [f"{v:.1f}" for v in lesion["mni"]] if lesion else ["", "", ""]
+    radius = f"{lesion['radius_mm']:.2f}" if lesion else ""
+    return [path.as_posix(), label, split, *centre, radius, *mni]
+
+
 def build_dataset(
     output: Path,
     n_train: int = 400,
@@ -300,13 +335,13 @@ def build_dataset(
     spacing: float = 3.0,
     force: bool = False,
     task: str = "lesion",
+    jobs: int = 1,
 ) -> bool:
-    """Write the data set of ``task`` (a key of ``TASKS``) to ``output``; returns False when an
-    identical complete set is already there."""
+    """Write the data set of ``task`` (a key of ``TASKS``) to ``output`` with ``jobs`` processes;
+    returns False when an identical complete set is already there."""
     output = Path(output)
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; one of {sorted(TASKS)}")
-    classes = TASKS[task]
     args = {
         "task": task,
         "n_train": n_train,
@@ -335,29 +370,17 @@ def build_dataset(
     tmp = output.parent / f".{output.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        subject = functools.partial(write_subject, tmp, template, task, n_train, seed, spacing)
+        indices = range(n_train + n_test)
         rows = []
-        for index in range(n_train + n_test):
-            split, position = ("train", index) if index < n_train else ("test", index - n_train)
-            label = classes[position % len(classes)]
-            if task == "lesion":
-                rng = np.random.default_rng([seed, index])
-                volume, affine, lesion = make_subject(template, rng, label == "lesion", spacing)
-            else:  # a stream of its own, independent of the lesion set's subject of this index
-                rng = np.random.default_rng([seed, index, 1])
-                volume, affine, lesion = make_subject(template, rng, True, spacing, region=label)
-            path = Path(split, label, f"sub-{index + 1:04d}.nii.gz")
-            image = nib.Nifti1Image(volume, affine)
-            image.header.set_xyzt_units("mm")
-            image.set_qform(affine, code=1)
-            image.set_sform(affine, code=1)
-            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-            nib.save(image, tmp / path)
-            centre = [f"{v:.2f}" for v in lesion["centre"]] if lesion else ["", "", ""]
-            mni = [f"{v:.1f}" for v in lesion["mni"]] if lesion else ["", "", ""]
-            radius = f"{lesion['radius_mm']:.2f}" if lesion else ""
-            rows.append([path.as_posix(), label, split, *centre, radius, *mni])
-            if (index + 1) % 50 == 0:
-                log.info("%d/%d volumes", index + 1, n_train + n_test)
+        # fork: the workers inherit the template; subjects are seeded by index, so the voxels do not
+        # depend on --jobs (tests/test_make_demo_data.py)
+        with multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else nullcontext() as pool:
+            mapped = pool.imap(subject, indices, chunksize=4) if pool else map(subject, indices)
+            for index, row in enumerate(mapped):
+                rows.append(row)
+                if (index + 1) % 50 == 0:
+                    log.info("%d/%d volumes", index + 1, len(indices))
         with (tmp / "manifest.csv").open("w", newline="") as handle:
             csv.writer(handle).writerows([MANIFEST_COLUMNS, *rows])
         # last: marks the set complete
@@ -375,7 +398,7 @@ def build_dataset(
     log.info(
         "wrote %d volumes of %s voxels at %g mm to %s in %.1f s",
         len(rows),
-        "x".join(map(str, volume.shape)),
+        "x".join(map(str, template["t1"].shape)),
         spacing,
         output,
         time.perf_counter() - started,
@@ -405,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="processes writing subjects; the voxels do not depend on it (min(4, CPUs))",
+    )
+    parser.add_argument(
         "--spacing", type=float, default=3.0, help="isotropic voxel size in mm (3.0)"
     )
     parser.add_argument(
@@ -415,10 +444,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     least = max(2, len(TASKS[args.task]))  # every class in both splits
-    if min(args.n_train, args.n_test) < least or args.seed < 0 or not 1.0 <= args.spacing <= 8.0:
+    if (
+        min(args.n_train, args.n_test) < least
+        or args.seed < 0
+        or args.jobs < 1
+        or not 1.0 <= args.spacing <= 8.0
+    ):
         # parser.error exits with 2
         parser.error(
-            f"need --n-train >= {least}, --n-test >= {least}, --seed >= 0 and 1 <= --spacing <= 8"
+            f"need --n-train >= {least}, --n-test >= {least}, --seed >= 0, --jobs >= 1 "
+            "and 1 <= --spacing <= 8"
         )
     try:
         build_dataset(
@@ -429,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             args.spacing,
             args.force,
             task=args.task,
+            jobs=args.jobs,
         )
     except (UserError, OSError, ValueError) as error:
         print(f"make_demo_data: error: {error}", file=sys.stderr)

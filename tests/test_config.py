@@ -23,11 +23,29 @@ def test_defaults_load():
     assert isinstance(config, Config)
     assert config.model.attention == "seqnorm"
     assert config.model.patch_size == 8
-    assert config.train.epochs == 20
+    assert config.train.epochs == 30
     assert config.train.lr == pytest.approx(3e-4)
     assert config.data.target_shape is None
-    assert config.augment == []
+    assert [next(iter(entry)) for entry in config.augment] == [
+        "RandomFlip",
+        "RandomAffine",
+        "RandomBiasField",
+        "RandomNoise",
+    ]
     assert config == Config()
+
+
+def test_a_config_without_augment_gets_the_default_and_an_empty_one_none(tmp_path):
+    """No section: the built-in augmentation; `augment: []` or `augment:` alone: none at all."""
+    (tmp_path / "none.yaml").write_text("train: {epochs: 3}\n")
+    assert load_config(tmp_path / "none.yaml").augment == Config().augment
+    for text in ("augment: []\n", "augment:\n"):
+        (tmp_path / "off.yaml").write_text(text)
+        assert load_config(tmp_path / "off.yaml").augment == []
+    # a later file's empty list turns off an earlier file's augmentation
+    (tmp_path / "base.yaml").write_text("augment:\n- RandomFlip: {axes: [0]}\n")
+    (tmp_path / "off.yaml").write_text("augment: []\n")
+    assert load_config([tmp_path / "base.yaml", tmp_path / "off.yaml"]).augment == []
 
 
 def test_shipped_default_yaml_equals_builtin_defaults():

@@ -69,3 +69,14 @@ def test_the_regions_task_needs_every_class_in_both_splits(tmp_path, capsys):
     assert "--n-test >= 4" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         make_demo_data.main([str(tmp_path / "x"), "--task", "atlas"])
+
+
+def test_the_voxels_do_not_depend_on_the_number_of_processes(tmp_path):
+    """Subjects are seeded by their index: --jobs 2 writes the files --jobs 1 writes, byte for byte."""
+    pytest.importorskip("nilearn")
+    for jobs in (1, 2):
+        make_demo_data.build_dataset(tmp_path / f"j{jobs}", n_train=3, n_test=2, jobs=jobs)
+    serial = sorted(p.relative_to(tmp_path / "j1") for p in (tmp_path / "j1").rglob("*.nii.gz"))
+    assert len(serial) == 5
+    for path in [*serial, Path("manifest.csv")]:
+        assert (tmp_path / "j1" / path).read_bytes() == (tmp_path / "j2" / path).read_bytes(), path

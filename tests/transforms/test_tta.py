@@ -12,6 +12,7 @@ from conftest import read_csv, write_scan
 
 from volumetric.checkpoint import save_checkpoint
 from volumetric.cli import infer_main
+from volumetric.errors import VolumetricError
 from volumetric.inference import Predictor
 from volumetric.models.vit3d import VolumeTransformer
 from volumetric.transforms.tta import build_tta
@@ -152,16 +153,36 @@ def test_negative_tta_is_a_user_error(setup, tmp_path, capsys):
 
 
 def test_views_follow_the_training_augmentation():
-    """Flips and affine as trained; intensity transforms left out; no flip trained → left-right flip."""
+    """Flips and affine as trained, intensity transforms left out; nothing added that was not trained."""
     trained = build_tta(AUGMENT + [{"RandomGamma": {}}])
     assert [type(t) for t in trained.transforms] == [tio.RandomFlip, tio.RandomAffine]
     assert trained.transforms[0].axes == (0, 1)
-    default = build_tta([{"RandomNoise": {}}])
-    assert [type(t) for t in default.transforms] == [tio.RandomFlip]
-    assert default.transforms[0].axes == (0,)
-    assert [type(t) for t in build_tta(None).transforms] == [tio.RandomFlip]
     affine_only = build_tta([{"RandomAffine": {"degrees": 5}}])
-    assert [type(t) for t in affine_only.transforms] == [tio.RandomFlip, tio.RandomAffine]
+    assert [type(t) for t in affine_only.transforms] == [tio.RandomAffine]
+    for untrained in (None, [], [{"RandomNoise": {}}]):  # e.g. a left-vs-right task: no flip
+        with pytest.raises(VolumetricError, match="trained with neither; run without --tta"):
+            build_tta(untrained)
+
+
+def test_tta_of_a_model_trained_without_spatial_augmentation_is_a_user_error(
+    setup, tmp_path, capsys
+):
+    """One line, exit 2, no CSV: the model has no label-preserving views to average over."""
+    _, scans = setup
+    unflipped = tmp_path / "unflipped.pt"
+    save_checkpoint(
+        unflipped,
+        model=VolumeTransformer(**MODEL_ARGS),
+        model_args=MODEL_ARGS,
+        class_names=["left", "right"],
+        preprocessing=PREPROCESSING,
+        config={"augment": [{"RandomNoise": {}}]},
+    )
+    code = infer(unflipped, [scans], tmp_path / "p.csv", "--tta", "2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "trained with neither; run without --tta" in err[0]
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_tta_with_maps_explains_the_rows_prediction(setup, tmp_path):
