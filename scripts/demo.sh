@@ -35,4 +35,5 @@ print(f"held-out accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_ac
 PY
 echo "predictions for single scans: $RUN/predictions.csv"
 echo "held-out predictions and metrics: $RUN/test/predictions.csv, $RUN/test/metrics.json"
+echo "the evaluation's page (metrics, plots, every scan, the worst mistakes with maps): $RUN/test/report.html"
 echo "demo finished in $((SECONDS - START)) s"

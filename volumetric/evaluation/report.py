@@ -334,7 +334,8 @@ def scans_section(evaluation: Evaluation, anonymize: bool) -> str:
         f"Every scan ({len(rows)})",
         note(told),
         *(numbered if anonymize else []),
-        table(header, rows, sortable=True, ident="scans-table"),
+        # a scroll box with a sticky header: a test set of a thousand scans stays one screen high
+        f'<div class="scroll">{table(header, rows, sortable=True, ident="scans-table")}</div>',
     )
 
 

@@ -36,6 +36,9 @@ table.sortable th[aria-sort=descending]::after { content: " \\25BC"; color: #1d2
 tr.wrong td { background: #fdecec; }
 tr.best td { background: #e8f4ea; }
 td.path { word-break: break-all; max-width: 560px; }
+div.scroll { max-height: 520px; overflow: auto; border: 1px solid #d5dbe3; display: inline-block; }
+div.scroll table { margin: 0; }
+div.scroll th { position: sticky; top: 0; z-index: 1; }
 .figures { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
 .figures figure { margin: 0; }
 .figures img { max-width: 100%; border: 1px solid #d5dbe3; }
