@@ -13,6 +13,7 @@ from volumetric.layers.attention import (
     ATTENTION,
     EPS,
     SIMA_EPS,
+    V_SCALE_INIT,
     _SeqNormAttentionFn,
     affine_shapes,
     build_attention,
@@ -524,15 +525,23 @@ def test_qkv_bias_flag():
 
 @pytest.mark.parametrize("kind,scales,shifts", [("seqnorm", 3, 1), ("seqnorm_qk", 2, 2)])
 def test_affine_parameters(kind, scales, shifts):
-    """Flat (one block of C per normalized input, so no weight decay), identity at the start, and
-    absent without the option: the plain module keeps the parameter layout of earlier versions."""
+    """Flat (one block of C per normalized input, so no weight decay); at the start the scales of Q̂
+    and K̂ are 1, those of V̂ `V_SCALE_INIT`, the shifts 0, so the branch is the plain one with its
+    attention output scaled by V_SCALE_INIT; absent without the option: the plain module keeps the
+    parameter layout of earlier versions."""
     attn = build_attention(kind, dim=16, num_heads=2, affine=True)
     assert attn.norm_weight.shape == (scales * 16,) and attn.norm_bias.shape == (shifts * 16,)
-    assert torch.equal(attn.norm_weight, torch.ones(scales * 16))
+    v_scale = [V_SCALE_INIT] * 16 if kind == "seqnorm" else []
+    assert torch.equal(attn.norm_weight, torch.tensor([1.0] * 32 + v_scale))
     assert torch.equal(attn.norm_bias, torch.zeros(shifts * 16))
     plain = build_attention(kind, dim=16, num_heads=2)
     assert set(plain.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
     plain.load_state_dict(attn.state_dict(), strict=False)
+    q, k, v = torch.randn(3, 2, 2, 9, 8).unbind(0)  # (B, H, N, d) each
+    scale = V_SCALE_INIT if kind == "seqnorm" else 1.0
+    torch.testing.assert_close(attn.attend(q, k, v), scale * plain.attend(q, k, v))
+    with torch.no_grad():
+        attn.norm_weight.fill_(1.0)  # the identity affine: the plain module
     x = torch.randn(2, 9, 16)
     torch.testing.assert_close(attn(x), plain(x))
 

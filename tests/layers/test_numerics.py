@@ -124,14 +124,21 @@ def test_model_builds_runs_and_every_parameter_learns(kind, affine):
         torch.testing.assert_close(q.grad, p.grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_affine_start_is_the_plain_model():
-    """With its identity start, the affine model computes what the plain one does."""
+@pytest.mark.parametrize("kind", ["seqnorm_qk", "seqnorm"])
+def test_affine_start_is_the_plain_model(kind):
+    """With its identity start (seqnorm_qk), or its V-scales set to 1 (seqnorm, whose start is
+    V_SCALE_INIT), the affine model computes what the plain one does."""
     torch.manual_seed(1)
-    plain = tiny_model("seqnorm", False)
-    affine = tiny_model("seqnorm", True)
+    plain = tiny_model(kind, False)
+    affine = tiny_model(kind, True)
     missing, unexpected = affine.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all("norm_weight" in m or "norm_bias" in m for m in missing)
     x = torch.randn(2, 1, 8, 8, 8)
+    if kind == "seqnorm":
+        assert not torch.allclose(affine(x), plain(x))  # the smaller V-scales change the start
+        with torch.no_grad():
+            for block in affine.blocks:
+                block.attn.norm_weight.fill_(1.0)
     torch.testing.assert_close(affine(x), plain(x))
 
 

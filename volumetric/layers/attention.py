@@ -37,6 +37,13 @@ from torch import Tensor, nn
 EPS = 1e-5
 """Added to the per-feature std before dividing; keeps constant features (std 0) finite."""
 
+V_SCALE_INIT = 0.1
+"""Starting value of the affine's scales of V̂ (those of Q̂ and K̂ start at 1). Normalizing V lifts
+the value features from their spread over the tokens at initialization, about 0.1, to 1, and the
+attention branch then adds ten times more to the residual stream than with V raw; from scratch,
+such a model did not learn a task whose label is a finding's location. Starting γ_V at 0.1 gives
+the branch its Q,K-only size, and it learnt it (docs/method.md#sequence-normalization, "Optional learnable affine")."""
+
 SIMA_EPS = 1e-12
 """SimA's floor on the L1 norm (that of ``F.normalize``, which SimA's own code uses)."""
 
@@ -486,8 +493,8 @@ class MultiHeadSelfAttention(nn.Module):
 class SeqNormAttention(MultiHeadSelfAttention):
     """Softmax-free attention with sequence normalization of Q, K and V: O(N·d²).
 
-    ``affine=True`` adds a learnable per-feature scale γ (ones) of Q̂, K̂ and V̂ and shift β
-    (zeros) of Q̂ (of Q̂ and K̂ in seqnorm_qk) after the normalization, folded into the d×d
+    ``affine=True`` adds a learnable per-feature scale γ of Q̂ and K̂ (ones) and of V̂
+    (`V_SCALE_INIT`) and shift β (zeros) of Q̂ (of Q̂ and K̂ in seqnorm_qk) after the normalization, folded into the d×d
     summaries (`_fold_affine`). They are stored flat, one block of C per normalized input in the
     qkv layout (head-major), so that the optimizer treats them like the LayerNorms' weights (no
     weight decay).
@@ -500,7 +507,10 @@ class SeqNormAttention(MultiHeadSelfAttention):
         super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
         if affine:
             (scales, _, _), (shifts, _, _) = affine_shapes(self.normalize_v, 1, dim)
-            self.norm_weight = nn.Parameter(torch.ones(scales * dim))  # (n·C,)
+            weight = torch.ones(scales * dim)  # (n·C,): γ_Q, γ_K[, γ_V]
+            if self.normalize_v:
+                weight[2 * dim :] = V_SCALE_INIT
+            self.norm_weight = nn.Parameter(weight)
             self.norm_bias = nn.Parameter(torch.zeros(shifts * dim))  # (m·C,)
         else:
             self.register_parameter("norm_weight", None)
