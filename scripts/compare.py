@@ -28,7 +28,8 @@ The section gives, per model, the mean and sample standard deviation over seeds 
 accuracy, balanced accuracy and AUROC and the median time per epoch; then seq-norm minus softmax,
 scan by scan on the same test scans and matched by seed: the accuracy difference per seed pair and
 pooled over the pairs, a bootstrap 95% interval over scans, McNemar's exact test per pair, and a
-non-inferiority verdict against a margin of 2 points of accuracy. The statistics are the small
+non-inferiority verdict against a margin of 2 points of accuracy (non-inferior, inferior or
+inconclusive, from the whole interval). The statistics are the small
 functions below (``paired_bootstrap``, ``mcnemar_exact``, ``verdict``, ``format_mean_sd``).
 """
 
@@ -177,16 +178,21 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail / 2**n)  # exact integers until this one division
 
 
-def verdict(low_points: float, margin_points: float = MARGIN_POINTS) -> str:
-    """Non-inferiority against a margin: "non-inferior" when the interval's lower bound (points of
-    A - B) lies above -margin, else "inconclusive" (the data do not rule out a larger loss)."""
-    return "non-inferior" if low_points > -margin_points else "inconclusive"
+def verdict(
+    low_points: float, margin_points: float = MARGIN_POINTS, high_points: float = math.inf
+) -> str:
+    """Non-inferiority against a margin, from the interval [low, high] (points of A - B):
+    "non-inferior" when its lower bound lies above -margin, "inferior" when its upper bound lies
+    below -margin (a loss larger than the margin is shown), else "inconclusive"."""
+    if low_points > -margin_points:
+        return "non-inferior"
+    return "inferior" if high_points < -margin_points else "inconclusive"
 
 
 def verdict_sentence(result: dict[str, float], margin_points: float = MARGIN_POINTS) -> str:
     """A plain-language reading of a pooled ``paired_bootstrap`` result (A = seq-norm, B = softmax)."""
     diff, low, high = (100 * result[k] for k in ("difference", "low", "high"))
-    word = verdict(low, margin_points)
+    word = verdict(low, margin_points, high)
     pairs = result["pairs"]
     over = f"pooled over {pairs} seed pairs" if pairs > 1 else "on one seed pair"
     side = "above" if diff >= 0 else "below"
@@ -202,6 +208,12 @@ def verdict_sentence(result: dict[str, float], margin_points: float = MARGIN_POI
             "accuracy or does better"
         )
         end += " (the whole interval lies above 0: here it does better)." if low > 0 else "."
+    elif word == "inferior":
+        end = (
+            f"The whole interval lies below the {-margin_points:.0f}-point margin: on this task "
+            f"seq-norm attention loses more than {margin_points:.0f} points against softmax "
+            "attention."
+        )
     else:
         end = (
             f"The interval's lower end lies below the {-margin_points:.0f}-point margin: these runs "

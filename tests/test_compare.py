@@ -126,6 +126,23 @@ def test_verdict_thresholds(low, expected):
     assert compare.verdict(low) == expected
 
 
+@pytest.mark.parametrize(
+    "low, high, expected",
+    [
+        (
+            -3.5,
+            -1.2,
+            "inconclusive",
+        ),  # reaches into the margin: a loss under 2 points not ruled out
+        (-62.0, -58.0, "inferior"),
+        (-4.0, -2.0, "inconclusive"),  # on the margin is not below it
+        (-1.0, 1.0, "non-inferior"),
+    ],
+)
+def test_verdict_from_the_whole_interval(low, high, expected):
+    assert compare.verdict(low, high_points=high) == expected
+
+
 def test_verdict_with_another_margin():
     assert compare.verdict(-2.5, margin_points=3.0) == "non-inferior"
     assert compare.verdict(-0.5, margin_points=0.5) == "inconclusive"
@@ -138,6 +155,8 @@ def test_verdict_sentence():
     assert "0.4 points below" in good and "-1.6 to +0.8" in good and "3 seed pairs" in good
     bad = compare.verdict_sentence({**base, "difference": -0.01, "low": -0.031, "high": 0.011})
     assert bad.startswith("**Verdict: inconclusive.**") and "cannot rule out" in bad
+    worse = compare.verdict_sentence({**base, "difference": -0.6, "low": -0.62, "high": -0.58})
+    assert worse.startswith("**Verdict: inferior.**") and "loses more than 2 points" in worse
 
 
 # ------------------------------------------------------------------ predictions and the section
