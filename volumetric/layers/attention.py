@@ -42,7 +42,8 @@ V_SCALE_INIT = 0.1
 the value features from their spread over the tokens at initialization, about 0.1, to 1, and the
 attention branch then adds ten times more to the residual stream than with V raw; from scratch,
 such a model did not learn a task whose label is a finding's location. Starting γ_V at 0.1 gives
-the branch its Q,K-only size, and it learnt it (docs/method.md#sequence-normalization, "Optional learnable affine")."""
+the branch its Q,K-only size, and it learnt it (docs/method.md#sequence-normalization, "Optional
+learnable affine")."""
 
 SIMA_EPS = 1e-12
 """SimA's floor on the L1 norm (that of ``F.normalize``, which SimA's own code uses)."""
@@ -494,8 +495,8 @@ class SeqNormAttention(MultiHeadSelfAttention):
     """Softmax-free attention with sequence normalization of Q, K and V: O(N·d²).
 
     ``affine=True`` adds a learnable per-feature scale γ of Q̂ and K̂ (ones) and of V̂
-    (`V_SCALE_INIT`) and shift β (zeros) of Q̂ (of Q̂ and K̂ in seqnorm_qk) after the normalization, folded into the d×d
-    summaries (`_fold_affine`). They are stored flat, one block of C per normalized input in the
+    (`V_SCALE_INIT`) and shift β (zeros) of Q̂ (of Q̂ and K̂ in seqnorm_qk) after the
+    normalization, folded into the d×d summaries (`_fold_affine`). They are stored flat, one block of C per normalized input in the
     qkv layout (head-major), so that the optimizer treats them like the LayerNorms' weights (no
     weight decay).
     """
