@@ -110,7 +110,7 @@ def test_version_1_file_is_upgraded_when_read():
     raw = torch.load(V1 / "best.pt", weights_only=True)
     assert raw["format_version"] == 1 and "optimizer" in raw  # what the fixture really holds
     state = load_checkpoint(V1 / "best.pt")
-    assert state["format_version"] == FORMAT_VERSION == 3
+    assert state["format_version"] == FORMAT_VERSION == 4
     assert state["arch"] == "vit3d" and "arch" not in state["model_args"]
     # "seqnorm" meant Q and K normalized then: that form is seqnorm_qk now
     assert raw["model_args"]["attention"] == "seqnorm"
@@ -187,7 +187,7 @@ def test_version_2_seqnorm_loads_as_seqnorm_qk_and_predicts_as_before(named, tmp
         expected = before(x).softmax(-1)
 
     state = load_checkpoint(path)
-    assert state["format_version"] == 3
+    assert state["format_version"] == 4
     assert state["model_args"]["attention"] == "seqnorm_qk"
     if named:  # the resolved config of the run says the same
         assert state["config"]["model"]["attention"] == "seqnorm_qk"

@@ -126,7 +126,7 @@ def test_description_and_reference_pair(checkpoint, exported):
     assert not list(checkpoint.parent.glob(".*.tmp"))  # no temporary left behind
     description = json.loads(files[1].read_text())
     assert description["class_names"] == ["healthy", "lesion"]
-    assert description["arch"] == "vit3d" and description["checkpoint_format_version"] == 3
+    assert description["arch"] == "vit3d" and description["checkpoint_format_version"] == 4
     assert description["preprocessing"] == PREPROCESSING
     assert (
         description["input"]["name"] == "volume"

@@ -1,6 +1,6 @@
 """The checkpoint file: everything needed to rebuild a model and use it, loaded as untrusted input.
 
-Shared by training (writes), evaluation and inference (read). Format version 3:
+Shared by training (writes), evaluation and inference (read). Format version 4:
 
     format, format_version, volumetric_version
     arch            the architecture's registered name (volumetric.models.registry)
@@ -20,7 +20,10 @@ Older versions are upgraded when read, so every file ever written keeps loading 
 the same: version 1 kept ``arch`` inside ``model_args`` (absent meant vit3d) and the training
 state at the top level of both files; in versions 1 and 2 the attention ``seqnorm`` (also the
 default, when ``model_args`` names none) normalized queries and keys only, the kind now called
-``seqnorm_qk``, since ``seqnorm`` normalizes the values too. A change to the format, or to what
+``seqnorm_qk``, since ``seqnorm`` normalizes the values too; up to version 3 a vit3d model had
+no LayerScale, attention-output norm, conv stem or stochastic depth, and its ``model_args`` may
+lack those keys (and ``seqnorm_affine``), whose defaults may be on today: version 4 writes them
+out as they were (off). A change to the format, or to what
 a saved argument means, bumps ``FORMAT_VERSION`` and adds its step to ``_UPGRADES``.
 """
 
@@ -40,7 +43,7 @@ from volumetric.errors import VolumetricError, first_line
 from volumetric.models.registry import build_model, model_arguments
 
 FORMAT = "volumetric-checkpoint"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 REQUIRED = ("arch", "model_args", "class_names", "preprocessing", "model")
 _V1_TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "step", "history", "best_score")
 _V1_TRAINING_KEYS += ("best_epoch", "partial", "world_size")
@@ -117,7 +120,34 @@ def _upgrade_v2(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_v1, 2: _upgrade_v2}
+VIT_OPTIONS_BEFORE_V4 = {
+    "seqnorm_affine": False,
+    "layer_scale": None,
+    "attention_norm": False,
+    "stem": "patch",
+    "drop_path": 0.0,
+}
+"""The vit3d options as every model before format version 4 had them (absent keys were off)."""
+
+
+def _upgrade_v3(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 → 4: a vit3d model's options that version 3 could leave out are written as they
+    were then (`VIT_OPTIONS_BEFORE_V4`), in ``model_args`` and in the resolved config, so that a
+    default that changed later does not change the model the file holds."""
+    if checkpoint.get("arch") == "vit3d":
+        checkpoint["model_args"] = {**VIT_OPTIONS_BEFORE_V4, **(checkpoint.get("model_args") or {})}
+        config = checkpoint.get("config")
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            config["model"] = {**VIT_OPTIONS_BEFORE_V4, **config["model"]}
+    checkpoint["format_version"] = 4
+    return checkpoint
+
+
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _upgrade_v1,
+    2: _upgrade_v2,
+    3: _upgrade_v3,
+}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -68,6 +68,11 @@ class ModelConfig:
     # sima: SimA's L1-normalized Q and K (linear); softmax: the SDPA reference (quadratic)
     attention: str = "seqnorm"
     seqnorm_affine: bool = False  # learnable per-feature scale and shift after the normalization
+    # per-channel gain on each residual branch, started at this value (CaiT); null: none
+    layer_scale: float | None = None
+    attention_norm: bool = False  # LayerNorm of the attention output before its projection
+    stem: str = "patch"  # patch (one Conv3d per patch) or conv (stride-2 3x3x3 convolutions)
+    drop_path: float = 0.0  # stochastic depth: the last block's branch skip probability
     dropout: float = 0.0
     grad_checkpointing: bool = (
         False  # recompute each block in backward: activation memory of one block

@@ -471,12 +471,15 @@ class MultiHeadSelfAttention(nn.Module):
     supports_affine = False
     """Whether the kind takes ``affine=True`` (a learnable affine after its normalization)."""
 
-    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, out_norm: bool = False):
         super().__init__()
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
             raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        # TransNormer's fix for linear attention: a LayerNorm of the merged heads, per token,
+        # before the projection, which bounds the output whatever the size of the summary
+        self.out_norm = nn.LayerNorm(dim) if out_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -487,7 +490,7 @@ class MultiHeadSelfAttention(nn.Module):
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)  # (B, N, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, N, d), views
         out = self.attend(q, k, v)  # (B, H, N, d)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
+        return self.proj(self.out_norm(out.transpose(1, 2).reshape(b, n, c)))  # (B, N, C)
 
 
 @register_attention("seqnorm")
@@ -504,8 +507,16 @@ class SeqNormAttention(MultiHeadSelfAttention):
     supports_affine = True
     normalize_v = True
 
-    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, affine: bool = False):
-        super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        out_norm: bool = False,
+        affine: bool = False,
+    ):
+        super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, out_norm=out_norm)
         if affine:
             (scales, _, _), (shifts, _, _) = affine_shapes(self.normalize_v, 1, dim)
             weight = torch.ones(scales * dim)  # (n·C,): γ_Q, γ_K[, γ_V]
@@ -557,14 +568,22 @@ def supports_affine(kind: str) -> bool:
 
 
 def build_attention(
-    kind: str, *, dim: int, num_heads: int, qkv_bias: bool = True, affine: bool = False
+    kind: str,
+    *,
+    dim: int,
+    num_heads: int,
+    qkv_bias: bool = True,
+    affine: bool = False,
+    out_norm: bool = False,
 ) -> nn.Module:
-    """Instantiate the attention registered as ``kind``; ``affine`` only for kinds that take one."""
+    """Instantiate the attention registered as ``kind``; ``affine`` only for kinds that take one,
+    ``out_norm`` (a LayerNorm before the output projection) for every kind."""
     if kind not in ATTENTION:
         raise ValueError(f"attention={kind!r} is not one of {sorted(ATTENTION)}")
+    options = dict(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, out_norm=out_norm)
     if not affine:
-        return ATTENTION[kind](dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        return ATTENTION[kind](**options)
     if not supports_affine(kind):
         kinds = sorted(name for name in ATTENTION if supports_affine(name))
         raise ValueError(f"affine=True applies to attention {kinds}, not attention={kind!r}")
-    return ATTENTION[kind](dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, affine=True)
+    return ATTENTION[kind](**options, affine=True)

@@ -1,9 +1,24 @@
-"""3D patch embedding: non-overlapping cubes of voxels → one token each."""
+"""Tokenizers: a volume (B, C_in, W, H, D) → tokens (B, N, C) on the grid (W/p, H/p, D/p).
+
+Two stems reach the same grid, token n = (i·h + j)·d + k, so that everything after them (the
+position embedding, relevance maps on the scan's grid, masking) is the same for both:
+
+    patch   one Conv3d with kernel = stride = patch: each token is a linear map of its own cube
+            (a ViT's patch embedding)
+    conv    a short stack of stride-2 3×3×3 convolutions, each followed by a per-voxel LayerNorm
+            and GELU, then a 1×1×1 projection to the width (Xiao et al., "Early convolutions help
+            transformers see better", 2021; the hybrid stems of medical ViTs): a token sees its
+            cube and a margin around it through nonlinear filters, so a finding smaller than a
+            patch is not averaged away by one linear map (docs/method.md#the-model)
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+STEMS = ("patch", "conv")
 
 
 def as_triple(value: int | tuple[int, int, int] | list[int], name: str) -> tuple[int, int, int]:
@@ -14,12 +29,22 @@ def as_triple(value: int | tuple[int, int, int] | list[int], name: str) -> tuple
     return triple  # type: ignore[return-value]
 
 
+def check_conv_stem_patch(patch_size: tuple[int, int, int]) -> None:
+    """The conv stem halves the grid per stride-2 convolution: each patch side a power of two."""
+    if any(p & (p - 1) for p in patch_size):
+        raise ValueError(
+            f"stem='conv' needs every patch_size side to be a power of two (1, 2, 4, 8, ...), "
+            f"got {patch_size}"
+        )
+
+
 class PatchEmbed3d(nn.Module):
     """Conv3d with kernel = stride = patch: (B, C_in, W, H, D) → tokens (B, N, C) and grid (w, h, d)."""
 
     def __init__(self, *, patch_size: int | tuple[int, int, int], in_channels: int, embed_dim: int):
         super().__init__()
         self.patch_size = as_triple(patch_size, "patch_size")
+        self.in_channels = in_channels
         self.proj = nn.Conv3d(
             in_channels, embed_dim, kernel_size=self.patch_size, stride=self.patch_size
         )
@@ -37,11 +62,70 @@ class PatchEmbed3d(nn.Module):
             )
         return tuple(s // p for s, p in zip(spatial, self.patch_size))  # type: ignore[return-value]
 
+    def project(self, x: Tensor) -> Tensor:
+        """(B, C_in, W, H, D) → (B, C, w, h, d)."""
+        return self.proj(x)
+
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-        if x.dim() != 5 or x.shape[1] != self.proj.in_channels:
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"expected a volume batch (B, {self.proj.in_channels}, W, H, D), got {tuple(x.shape)}"
+                f"expected a volume batch (B, {self.in_channels}, W, H, D), got {tuple(x.shape)}"
             )
         grid = self.grid(x.shape[2:])
-        tokens = self.proj(x)  # (B, C, w, h, d)
+        tokens = self.project(x)  # (B, C, w, h, d)
         return tokens.flatten(2).transpose(1, 2), grid  # (B, N = w·h·d, C)
+
+
+class ChannelNorm3d(nn.LayerNorm):
+    """LayerNorm over the channels of each voxel of (B, C, W, H, D). Unlike BatchNorm it does not
+    depend on the batch (the default trains at batch 1) and unlike GroupNorm not on the rest of the
+    scan, so a token's embedding depends on its own receptive field only."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(
+            x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps
+        ).movedim(-1, 1)
+
+
+class ConvStem3d(PatchEmbed3d):
+    """Stride-2 3×3×3 convolutions (+ ChannelNorm3d + GELU) down to the patch grid, then a 1×1×1
+    projection to ``embed_dim``: the same (B, N, C) tokens and grid as `PatchEmbed3d`.
+
+    A patch side p takes log2(p) halvings: with patch 8, three convolutions of widths C/4, C/2, C
+    (C = ``embed_dim``; at least 8 channels each); an axis whose side is smaller stops being
+    halved earlier (stride 1 there). Patch 1 is the projection alone.
+    """
+
+    def __init__(self, *, patch_size: int | tuple[int, int, int], in_channels: int, embed_dim: int):
+        nn.Module.__init__(self)
+        self.patch_size = as_triple(patch_size, "patch_size")
+        self.in_channels = in_channels
+        check_conv_stem_patch(self.patch_size)
+        halvings = [p.bit_length() - 1 for p in self.patch_size]  # log2 of each side
+        steps = max(halvings)
+        layers: list[nn.Module] = []
+        width = in_channels
+        for i in range(steps):
+            out = max(8, embed_dim >> (steps - 1 - i))  # …, C/4, C/2, C
+            stride = tuple(2 if h > i else 1 for h in halvings)
+            layers += [
+                nn.Conv3d(width, out, kernel_size=3, stride=stride, padding=1, bias=False),
+                ChannelNorm3d(out),
+                nn.GELU(),
+            ]
+            width = out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv3d(width, embed_dim, kernel_size=1)
+
+    def project(self, x: Tensor) -> Tensor:
+        return self.proj(self.convs(x))  # (B, C, w, h, d)
+
+
+def build_stem(
+    stem: str, *, patch_size: int | tuple[int, int, int], in_channels: int, embed_dim: int
+) -> PatchEmbed3d:
+    """The tokenizer named ``stem`` (one of ``STEMS``)."""
+    if stem not in STEMS:
+        raise ValueError(f"stem={stem!r} is not one of {STEMS}")
+    cls = ConvStem3d if stem == "conv" else PatchEmbed3d
+    return cls(patch_size=patch_size, in_channels=in_channels, embed_dim=embed_dim)

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from volumetric.layers.attention import ATTENTION, supports_affine
 from volumetric.layers.block import Block
-from volumetric.layers.patch_embed import PatchEmbed3d, as_triple
+from volumetric.layers.patch_embed import STEMS, as_triple, build_stem, check_conv_stem_patch
 from volumetric.layers.pos_embed import sincos_pos_embed_3d
 
 POOLS = ("mean", "max")
@@ -41,6 +41,10 @@ def check_model_arguments(
     dropout: float,
     pool: str,
     seqnorm_affine: bool,
+    stem: str,
+    layer_scale: float | None,
+    drop_path: float,
+    attention_norm: bool,
     num_classes: int = 2,
 ) -> None:
     """Raise a ValueError, starting with the argument's name, for any value VolumeTransformer cannot use.
@@ -58,7 +62,7 @@ def check_model_arguments(
     ]:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    as_triple(patch_size, "patch_size")
+    patch = as_triple(patch_size, "patch_size")
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
     if embed_dim < 6:
@@ -73,8 +77,23 @@ def check_model_arguments(
         raise ValueError(f"pool={pool!r} is not one of {POOLS}")
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not one of {sorted(ATTENTION)}")
-    if not isinstance(seqnorm_affine, bool):
-        raise ValueError(f"seqnorm_affine must be true or false, got {seqnorm_affine!r}")
+    for name, flag in [("seqnorm_affine", seqnorm_affine), ("attention_norm", attention_norm)]:
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be true or false, got {flag!r}")
+    if stem not in STEMS:
+        raise ValueError(f"stem={stem!r} is not one of {STEMS}")
+    if stem == "conv":
+        check_conv_stem_patch(patch)
+    if layer_scale is not None and not (
+        isinstance(layer_scale, (int, float))
+        and not isinstance(layer_scale, bool)
+        and layer_scale > 0
+    ):
+        raise ValueError(
+            f"layer_scale must be a positive number or null (off), got {layer_scale!r}"
+        )
+    if not (isinstance(drop_path, (int, float)) and 0.0 <= drop_path < 1.0):
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
     if seqnorm_affine and not supports_affine(attention):
         kinds = sorted(name for name in ATTENTION if supports_affine(name))
         raise ValueError(
@@ -102,6 +121,10 @@ class VolumeTransformer(nn.Module):
         memory_lean: bool = False,
         pool: str = "mean",
         seqnorm_affine: bool = False,
+        stem: str = "patch",
+        layer_scale: float | None = None,
+        drop_path: float = 0.0,
+        attention_norm: bool = False,
     ):
         super().__init__()
         check_model_arguments(
@@ -116,12 +139,17 @@ class VolumeTransformer(nn.Module):
             dropout=dropout,
             pool=pool,
             seqnorm_affine=seqnorm_affine,
+            stem=stem,
+            layer_scale=layer_scale,
+            drop_path=drop_path,
+            attention_norm=attention_norm,
         )
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.grad_checkpointing = grad_checkpointing
         self.pool = pool
-        self.patch_embed = PatchEmbed3d(
+        self.patch_embed = build_stem(
+            stem,
             patch_size=as_triple(patch_size, "patch_size"),
             in_channels=in_channels,
             embed_dim=embed_dim,
@@ -135,8 +163,11 @@ class VolumeTransformer(nn.Module):
                 dropout=dropout,
                 memory_lean=memory_lean,
                 seqnorm_affine=seqnorm_affine,
+                attention_norm=attention_norm,
+                layer_scale=layer_scale,
+                drop_path=drop_path * i / max(1, depth - 1),  # stochastic depth grows with depth
             )
-            for _ in range(depth)
+            for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
