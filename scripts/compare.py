@@ -7,6 +7,8 @@ other attention variants and MONAI's DenseNet121, with a paired non-inferiority 
                               [--single-seed-models seqnorm_qk sima densenet121]
                               [--data DIR] [--config YAML] [--runs runs/compare]
                               [--override KEY=VALUE ...] [--output docs/results.md]
+                              [--variant NAME KEY=VALUE ... [--variant ...]] [--pair A B]
+                              [--validation-only] [--train-data DIR] [--section NAME]
                               [--report-only]
 
 Every model gets the task's data, preprocessing, augmentation, optimiser and epoch budget (the
@@ -23,6 +25,15 @@ is done its numbers go to ``compare.json`` in its folder and the task's section 
 output is rewritten from every run finished so far, so an interrupted study loses nothing.
 ``--report-only`` trains nothing and writes the section from the runs finished with the present
 settings (e.g. runs trained in parallel elsewhere, under other ``--runs`` folders, and copied here).
+
+``--variant NAME KEY=VALUE ...`` defines a model of its own, the task's config with those
+overrides (e.g. ``--variant ls01 model.layer_scale=0.1``), usable in ``--models`` and ``--pair``;
+``--pair A B`` picks the two models of the paired comparison (default: seqnorm softmax).
+``--validation-only`` is the screen used to choose settings: nothing is evaluated on the test
+scans; each run is read from its metrics.csv (best validation balanced accuracy, the training
+loss at epochs 1, 10 and the last), and a form whose training loss is still above
+``--loss-limit`` (1.3, ln 4 ≈ 1.39 being chance on four classes) at epoch 10 on any seed is out.
+``--train-data`` trains on another folder than ``<data>/train`` (e.g. a subset of it).
 
 The section gives, per model, the mean and sample standard deviation over seeds of the test
 accuracy, balanced accuracy and AUROC and the median time per epoch; then seq-norm minus softmax,
@@ -189,8 +200,14 @@ def verdict(
     return "inferior" if high_points < -margin_points else "inconclusive"
 
 
-def verdict_sentence(result: dict[str, float], margin_points: float = MARGIN_POINTS) -> str:
-    """A plain-language reading of a pooled ``paired_bootstrap`` result (A = seq-norm, B = softmax)."""
+def verdict_sentence(
+    result: dict[str, float],
+    margin_points: float = MARGIN_POINTS,
+    names: tuple[str, str] = ("seq-norm", "softmax"),
+) -> str:
+    """A plain-language reading of a pooled ``paired_bootstrap`` result of A minus B, ``names``
+    (A, B) as the text calls them."""
+    a, b = names
     diff, low, high = (100 * result[k] for k in ("difference", "low", "high"))
     word = verdict(low, margin_points, high)
     pairs = result["pairs"]
@@ -198,27 +215,25 @@ def verdict_sentence(result: dict[str, float], margin_points: float = MARGIN_POI
     side = "above" if diff >= 0 else "below"
     start = (
         f"**Verdict: {word}.** {over[0].upper() + over[1:]} and {result['scans']} test scans, "
-        f"seq-norm's test accuracy is {abs(diff):.1f} points {side} softmax's "
+        f"{a}'s test accuracy is {abs(diff):.1f} points {side} {b}'s "
         f"(95% interval {low:+.1f} to {high:+.1f} points). "
     )
     if word == "non-inferior":
         end = (
             f"The interval's lower end lies above the {-margin_points:.0f}-point margin: on this task "
-            f"seq-norm attention comes within {margin_points:.0f} points of softmax attention's "
-            "accuracy or does better"
+            f"{a} comes within {margin_points:.0f} points of {b}'s accuracy or does better"
         )
         end += " (the whole interval lies above 0: here it does better)." if low > 0 else "."
     elif word == "inferior":
         end = (
             f"The whole interval lies below the {-margin_points:.0f}-point margin: on this task "
-            f"seq-norm attention loses more than {margin_points:.0f} points against softmax "
-            "attention."
+            f"{a} loses more than {margin_points:.0f} points against {b}."
         )
     else:
         end = (
             f"The interval's lower end lies below the {-margin_points:.0f}-point margin: these runs "
-            f"cannot rule out that seq-norm loses more than {margin_points:.0f} points against "
-            "softmax (which is not the same as showing that it does)."
+            f"cannot rule out that {a} loses more than {margin_points:.0f} points against "
+            f"{b} (which is not the same as showing that it does)."
         )
     return start + end
 
@@ -277,6 +292,32 @@ class Study:
     command: str
     resamples: int = BOOTSTRAP_RESAMPLES
     records: dict[tuple[str, int], dict] = field(default_factory=dict)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # name → KEY=VALUE overrides
+    pair: tuple[str, str] = PAIR  # the paired comparison: pair[0] minus pair[1]
+    validation_only: bool = False  # a screen: read validation metrics, never the test scans
+    train_data: Path | None = None  # default: <data>/train
+    section: str | None = None  # the report's marker name (default from task and epochs)
+    loss_limit: float = 1.3  # a screen's limit on the training loss at epoch 10
+
+    def overrides_of(self, model: str) -> list[str]:
+        """The volumetric-train options that make ``model``."""
+        if model in self.variants:
+            return [f"--{o}" for o in self.variants[model]]
+        return list(MODELS[model])
+
+    def describe(self, model: str) -> str:
+        if model in self.variants:
+            return f"`{model}`: {', '.join(f'`{o}`' for o in self.variants[model])}"
+        return DESCRIPTION[model]
+
+    @property
+    def pair_labels(self) -> tuple[str, str]:
+        """How the text names the paired models: seq-norm and softmax, or the models' names."""
+        return ("seq-norm", "softmax") if self.pair == PAIR else self.pair
+
+    @property
+    def training_folder(self) -> Path:
+        return self.train_data or self.data / "train"
 
     def plan(self) -> list[tuple[str, int]]:
         """(model, seed) in running order: the paired models seed by seed, then the others."""
@@ -323,11 +364,13 @@ def settings_of(study: Study, model: str, seed: int) -> dict[str, dict]:
             "epochs": study.epochs,
             "config": _shown(study.config),
             "config_sha256": hashlib.sha256(study.config.read_bytes()).hexdigest(),
-            "overrides": [*MODELS[model], *study.overrides],
-            "data": _shown(study.data / "train"),
+            "overrides": [*study.overrides_of(model), *study.overrides],
+            "data": _shown(study.training_folder),
             "data_args": train_data,
         },
-        "test": {"data": _shown(study.data / "test"), "data_args": data_args},
+        "test": None
+        if study.validation_only
+        else {"data": _shown(study.data / "test"), "data_args": data_args},
     }
 
 
@@ -363,6 +406,27 @@ def finished_record(study: Study, model: str, seed: int) -> dict | None:
     return record if record and record.get("settings") == settings_of(study, model, seed) else None
 
 
+def validation_record(run_dir: Path) -> dict:
+    """What a screen keeps of a finished run: its epochs from metrics.csv (training loss and
+    validation metrics per epoch) and the best validation balanced accuracy with its epoch."""
+    rows = _epoch_rows(run_dir)
+    curve = {
+        key: [float(row[key]) if row[key] not in ("", "nan") else math.nan for row in rows]
+        for key in ("train_loss", "val_loss", "val_balanced_accuracy", "val_auroc")
+    }
+    scores = curve["val_balanced_accuracy"]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first best epoch
+    seconds = [float(row["seconds"]) for row in rows]
+    return {
+        "curve": curve,
+        "best_val_balanced_accuracy": scores[best],
+        "best_epoch": best + 1,
+        "epochs": len(rows),
+        "epoch_seconds": seconds,
+        "seconds_per_epoch": statistics.median(seconds),
+    }
+
+
 def run_one(study: Study, model: str, seed: int) -> dict:
     """Train (or resume, or reuse) and evaluate one run; returns and writes its compare.json."""
     import torch
@@ -387,7 +451,7 @@ def run_one(study: Study, model: str, seed: int) -> dict:
         _write_json(run_dir / "compare_settings.json", settings["train"])
         train = [
             "volumetric-train",
-            str(study.data / "train"),
+            str(study.training_folder),
             "--config",
             str(study.config),
             "--output-dir",
@@ -403,6 +467,10 @@ def run_one(study: Study, model: str, seed: int) -> dict:
         _write_json(run_dir / "compare_train.json", {"peak_memory_gib": peak_gib})
     else:  # trained earlier (then stopped before its evaluation, or the test set changed)
         peak_gib = (_read_json(run_dir / "compare_train.json") or {}).get("peak_memory_gib")
+    if study.validation_only:
+        record = {"settings": settings, **validation_record(run_dir), "peak_memory_gib": peak_gib}
+        _write_json(run_dir / "compare.json", record)
+        return record
     evaluate = [
         "volumetric-evaluate",
         str(run_dir / "best.pt"),
@@ -454,7 +522,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def _paired_section(study: Study) -> list[str]:
-    a_name, b_name = PAIR
+    a_name, b_name = study.pair
     seeds = [
         s
         for s in range(study.seeds)
@@ -464,16 +532,17 @@ def _paired_section(study: Study) -> list[str]:
         return []
     tables = {
         name: [read_correct(ROOT / study.records[name, s]["predictions"]) for s in seeds]
-        for name in PAIR
+        for name in study.pair
     }
     a, b = match_scans(tables[a_name], tables[b_name])  # (S, N) each
     n = a.shape[1]
+    la, lb = study.pair_labels
     lines = [
         "",
-        "### Seq-norm minus softmax, scan by scan",
+        f"### {la[0].upper() + la[1:]} minus {lb}, scan by scan",
         "",
-        "| seed | seq-norm accuracy | softmax accuracy | difference | 95% interval | only seq-norm right "
-        "| only softmax right | McNemar p |",
+        f"| seed | {la} accuracy | {lb} accuracy | difference | 95% interval | only {la} right "
+        f"| only {lb} right | McNemar p |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, seed in enumerate(seeds):
@@ -494,13 +563,13 @@ def _paired_section(study: Study) -> list[str]:
         )
     lines += [
         "",
-        f"Difference: seq-norm minus softmax test accuracy in points (one scan is {100 / n:.2g} "
+        f"Difference: {la} minus {lb} test accuracy in points (one scan is {100 / n:.2g} "
         f"points), the same {n} test scans, runs paired by seed. Interval: percentile bootstrap over "
         f"the scans ({study.resamples} resamples, seed {BOOTSTRAP_SEED}; pooled: each scan's "
         "difference averaged over the seed pairs, then scans resampled). McNemar: exact two-sided "
         "test on the scans only one of the pair got right.",
         "",
-        verdict_sentence(pooled),
+        verdict_sentence(pooled, names=study.pair_labels),
     ]
     return lines
 
@@ -555,7 +624,7 @@ def report(study: Study) -> str:
         seconds = [t for r in records for t in r["epoch_seconds"]]
         peaks = [r["peak_memory_gib"] for r in records if r.get("peak_memory_gib") is not None]
         lines.append(
-            f"| {DESCRIPTION[model]} | {len(records)} | {records[0]['parameters'] / 1e6:.2f} M | "
+            f"| {study.describe(model)} | {len(records)} | {records[0]['parameters'] / 1e6:.2f} M | "
             f"{format_mean_sd([t['accuracy'] for t in tests])} | "
             f"{format_mean_sd([t['balanced_accuracy'] for t in tests])} | "
             f"{format_mean_sd([t['auroc'] for t in tests])} | "
@@ -587,11 +656,69 @@ def report(study: Study) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _at(values: list[float], epoch: int) -> float:
+    """The value at a 1-based epoch, NaN when the run is shorter."""
+    return values[epoch - 1] if len(values) >= epoch else math.nan
+
+
+def screen_report(study: Study) -> str:
+    """The section of a ``--validation-only`` screen: per model, the best validation balanced
+    accuracy over seeds (mean ± sd), the training loss at epochs 1, 10 and the last, and whether
+    the model is out (training loss above the limit at epoch 10 on some seed); then every run."""
+    import torch
+
+    from volumetric.bench.report import machine_description
+
+    plan = study.plan()
+    title = study.section or f"{TASKS[study.task]['title']} screen"
+    lines = [
+        f"## {title}: {study.epochs} epochs, validation split",
+        "",
+        f"Produced by `{study.command}` on "
+        f"{machine_description('cuda' if torch.cuda.is_available() else 'cpu')}, "
+        f"{time.strftime('%Y-%m-%d')}. Training on `{_shown(study.training_folder)}` with "
+        f"`{_shown(study.config)}`{''.join(f', `{o}`' for o in study.overrides)}; a stratified 20% "
+        "held out for validation, drawn with the run's seed. No test scan was used.",
+    ]
+    pending = [f"{m} seed {s}" for m, s in plan if (m, s) not in study.records]
+    if pending:
+        lines += ["", f"**Incomplete:** pending: {', '.join(pending)}."]
+    last = study.epochs
+    lines += [
+        "",
+        f"| model | seeds | best validation balanced accuracy | validation loss at epoch {last} "
+        f"| training loss at epochs 1 / 10 / {last} (per seed) | out |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for model in study.models:
+        records = [study.records[m, s] for m, s in plan if m == model and (m, s) in study.records]
+        if not records:
+            continue
+        losses = [r["curve"]["train_loss"] for r in records]
+        out = any(_at(loss, 10) > study.loss_limit for loss in losses)
+        shown = "; ".join(
+            " / ".join(_fmt(_at(loss, e), ".2f") for e in (1, 10, last)) for loss in losses
+        )
+        lines.append(
+            f"| {study.describe(model)} | {len(records)} | "
+            f"{format_mean_sd([r['best_val_balanced_accuracy'] for r in records])} | "
+            f"{format_mean_sd([_at(r['curve']['val_loss'], last) for r in records])} | {shown} | "
+            f"{f'out (above {study.loss_limit} at epoch 10)' if out else '–'} |"
+        )
+    lines += [
+        "",
+        "Best validation balanced accuracy: the highest of the run's epochs (what picks best.pt), "
+        "mean ± sample standard deviation over the seeds.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(study: Study) -> str:
     from volumetric.bench.report import write_markdown
 
-    text = report(study)
-    write_markdown(study.output, text, f"compare {study.task} {study.epochs} epochs", title=TITLE)
+    text = screen_report(study) if study.validation_only else report(study)
+    marker = study.section or f"compare {study.task} {study.epochs} epochs"
+    write_markdown(study.output, text, marker, title=TITLE)
     return text
 
 
@@ -614,11 +741,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per model (3)")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument(
         "--single-seed-models",
         nargs="*",
-        choices=list(MODELS),
         default=SINGLE_SEED,
         help=f"trained with seed 0 only (default: {' '.join(SINGLE_SEED)})",
     )
@@ -634,6 +760,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train nothing: write the report from the runs already finished with these settings",
     )
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME KEY=VALUE",
+        help="define a model: a name, then config overrides (repeatable), e.g. "
+        "--variant ls model.layer_scale=0.1",
+    )
+    parser.add_argument("--pair", nargs=2, metavar=("A", "B"), help="paired: A minus B")
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="a screen: train, read the validation metrics, never evaluate on the test scans",
+    )
+    parser.add_argument("--train-data", type=Path, help="default: DATA/train")
+    parser.add_argument("--section", help="the report section's name (its marker in the output)")
+    parser.add_argument("--loss-limit", type=float, default=1.3)
     parser.add_argument("--bootstrap-resamples", type=int, default=BOOTSTRAP_RESAMPLES)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
@@ -641,6 +785,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--seeds, --epochs and --bootstrap-resamples must be at least 1")
     if any("=" not in o or o.startswith("-") for o in args.override):
         parser.error("--override takes KEY=VALUE, e.g. --override train.batch_size=4")
+    args.variants = {}
+    for name, *overrides in args.variant:
+        if name in MODELS or name in args.variants or not overrides:
+            parser.error(f"--variant {name}: a new name, then at least one KEY=VALUE")
+        if any("=" not in o or o.startswith("-") for o in overrides):
+            parser.error(f"--variant {name}: overrides are KEY=VALUE, e.g. model.layer_scale=0.1")
+        args.variants[name] = overrides
+    known = [*MODELS, *args.variants]
+    for name in [*args.models, *args.single_seed_models, *(args.pair or [])]:
+        if name not in known:
+            parser.error(f"model {name!r} is not one of {known} (define it with --variant)")
     args.data = args.data or TASKS[args.task]["data"]
     args.config = args.config or TASKS[args.task]["config"]
     return args
@@ -662,6 +817,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         output=args.output,
         command=shlex.join(["./scripts/compare.sh", *given]),
         resamples=args.bootstrap_resamples,
+        variants=args.variants,
+        pair=tuple(args.pair) if args.pair else PAIR,
+        validation_only=args.validation_only,
+        train_data=args.train_data,
+        section=args.section,
+        loss_limit=args.loss_limit,
     )
     with exclusive(args.runs):
         if not args.report_only:

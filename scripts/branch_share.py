@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""How much each block's attention branch adds to the residual stream of a freshly initialized
+model: the measurement behind the choice of the default seq-norm form (docs/method.md).
+
+    python scripts/branch_share.py DATA_FOLDER [--config configs/demo_regions.yaml] [--scans 4]
+        [--seed 0] [--form NAME KEY=VALUE ...]
+
+For each form (a name and model overrides; by default the forms of docs/results.md's screen),
+the model is built as `volumetric-train` would build it with ``--train.seed`` (the same initial
+weights), the first ``--scans`` scans of the folder are preprocessed as in training, and for
+every block the ratio ‖branch‖ / ‖stream‖ is reported: the attention branch's output as added to
+the residual stream (after the LayerScale, where there is one) against the stream it is added
+to, Frobenius norms over the scan's tokens, median over the scans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+FORMS: dict[str, list[str]] = {
+    "seqnorm": ["model.attention=seqnorm"],
+    "seqnorm_qk": ["model.attention=seqnorm_qk"],
+    "softmax": ["model.attention=softmax"],
+    "affine": ["model.attention=seqnorm", "model.seqnorm_affine=true"],
+    "layer_scale": ["model.attention=seqnorm", "model.layer_scale=0.1"],
+    "attention_norm": ["model.attention=seqnorm", "model.attention_norm=true"],
+}
+
+
+def branch_shares(model: nn.Module, volume: torch.Tensor) -> list[float]:
+    """‖attention branch‖ / ‖residual stream‖ for each block of a VolumeTransformer on one
+    volume (1, C_in, W, H, D): what the block adds in x + branch, against x."""
+    shares: list[float] = []
+    x = model.embed(volume)  # (1, N, C)
+    with torch.no_grad():
+        for block in model.blocks:
+            branch = block.ls1(block.attn(block.norm1(x)))  # (1, N, C), as Block.forward adds it
+            shares.append(float(branch.norm() / x.norm()))
+            x = block(x)
+    return shares
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from volumetric.config import apply_overrides, config_from_dict, load_config
+    from volumetric.data.dataset import load_subject
+    from volumetric.data.discovery import discover
+    from volumetric.engine.setup import preprocessing_settings, seed_everything
+    from volumetric.models.registry import build_model, model_arguments
+    from volumetric.transforms import build_preprocessing
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data")
+    parser.add_argument("--config", default="configs/demo_regions.yaml")
+    parser.add_argument("--scans", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--form", nargs="+", action="append", metavar="NAME KEY=VALUE")
+    args = parser.parse_args(argv)
+    forms = {name: overrides for name, *overrides in args.form} if args.form else FORMS
+
+    base = load_config(args.config)
+    entries = discover(args.data)[: args.scans]
+    print("| form | " + " | ".join(f"block {i + 1}" for i in range(base.model.depth)) + " |")
+    print("|---|" + "---:|" * base.model.depth)
+    for name, overrides in forms.items():
+        config = config_from_dict(apply_overrides(base.to_dict(), [f"--{o}" for o in overrides]))
+        preprocess = build_preprocessing(preprocessing_settings(config), config.model.patch_size)
+        seed_everything(args.seed)
+        model = build_model("vit3d", model_arguments("vit3d", asdict(config.model), 4)).eval()
+        per_scan = []
+        for entry in entries:
+            volume = load_subject(entry.source, preprocess).image.data.float()[None]
+            per_scan.append(branch_shares(model, volume))
+        medians = [statistics.median(block) for block in zip(*per_scan)]
+        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in medians) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
