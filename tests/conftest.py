@@ -120,6 +120,34 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), key
 
 
+# Numbers stored in the repository (fixtures, pinned literals) were computed on the CPU that wrote
+# them; a test computes them again on whatever CPU runs it. Each tolerance says how far two x86-64
+# CPUs may legitimately disagree, and why; results computed twice in one test run keep `==`.
+STORED_TOLERANCE = {
+    # float32 inference: BLAS and oneDNN pick other kernels (AVX2, AVX-512) on other CPUs, which
+    # sum in another order; seen: 3e-8 between an AMD EPYC and an Intel Xeon
+    "float32 probabilities": 1e-6,
+    # float64 NumPy/scikit-learn arithmetic without BLAS (sorting, cumulative sums): the same
+    # operations in the same order everywhere, so only the last bits may move
+    "float64 statistics": 1e-12,
+}
+
+
+def assert_matches_stored(actual, stored, kind: str, what: str = "") -> None:
+    """``actual`` (computed now) against ``stored`` (recorded in the repository on another CPU),
+    element by element, within ``STORED_TOLERANCE[kind]`` absolute; lengths must match."""
+    atol = STORED_TOLERANCE[kind]
+    actual, stored = (
+        np.atleast_1d(np.asarray(actual, float)),
+        np.atleast_1d(np.asarray(stored, float)),
+    )
+    assert actual.shape == stored.shape, f"{what}: shape {actual.shape}, stored {stored.shape}"
+    worst = float(np.max(np.abs(actual - stored))) if actual.size else 0.0
+    assert worst <= atol, (
+        f"{what}: {actual.tolist()} differs from the stored {stored.tolist()} by {worst:.3g} > {atol:g} ({kind})"
+    )
+
+
 def assert_png(path: Path, min_bytes: int = 5_000) -> None:
     """A complete, decodable PNG with something drawn on it, and no temporary file left beside it."""
     data = path.read_bytes()
