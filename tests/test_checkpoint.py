@@ -11,6 +11,7 @@ from conftest import assert_matches_stored
 
 from volumetric.checkpoint import (
     FORMAT_VERSION,
+    VIT_OPTIONS_BEFORE_V4,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -154,11 +155,14 @@ def test_best_holds_no_optimizer_and_last_resumes(tmp_path):
     assert last["training"]["step"] == 7 and best["epoch"] == last["epoch"] == 3
 
 
-def format_2_checkpoint(path: Path, model_args: dict, model: torch.nn.Module, **extra) -> Path:
-    """A best.pt as format version 2 wrote it: arch beside model_args, no training state."""
+def format_2_checkpoint(
+    path: Path, model_args: dict, model: torch.nn.Module, format_version: int = 2, **extra
+) -> Path:
+    """A best.pt as format version 2 (or 3, the same layout) wrote it: arch beside model_args, no
+    training state."""
     content = {
         "format": "volumetric-checkpoint",
-        "format_version": 2,
+        "format_version": format_version,
         "volumetric_version": "0.2.0",
         "arch": "vit3d",
         "model_args": model_args,
@@ -232,3 +236,35 @@ def test_new_checkpoints_keep_seqnorm_and_the_affine(tmp_path):
     x = torch.randn(1, 1, 8, 8, 8)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("with_affine_key", [True, False])
+def test_version_3_file_keeps_its_options_off_whatever_the_defaults(with_affine_key, tmp_path):
+    """Format 3 files were written before LayerScale, the attention norm, the conv stem and drop
+    path existed (and some before seqnorm_affine): they load with each of them off, written out,
+    and predict exactly as the model that was saved, whatever today's defaults are."""
+    torch.manual_seed(9)
+    args = {**MODEL_ARGS, "depth": 2, "pool": "max", "attention": "seqnorm"}
+    if with_affine_key:
+        args["seqnorm_affine"] = False
+    before = VolumeTransformer(**{**VIT_OPTIONS_BEFORE_V4, **args}).eval()
+    with torch.no_grad():
+        before.head.weight.mul_(20.0)
+    path = format_2_checkpoint(tmp_path / "best.pt", args, before, format_version=3)
+    x = torch.randn(2, 1, 16, 12, 8)
+    with torch.no_grad():
+        expected = before(x).softmax(-1)
+    state = load_checkpoint(path)
+    assert state["format_version"] == FORMAT_VERSION == 4
+    for key, value in VIT_OPTIONS_BEFORE_V4.items():
+        assert state["model_args"][key] == value, key
+        assert state["config"]["model"][key] == value, key
+    with torch.no_grad():
+        assert torch.equal(model_from_checkpoint(state, path)(x).softmax(-1), expected)
+
+
+def test_version_3_densenet_is_left_as_it_was(tmp_path):
+    content = torch.load(good_checkpoint(tmp_path / "v.pt"), weights_only=True)
+    content.update(format_version=3, arch="densenet121", model_args={"num_classes": 2})
+    torch.save(content, tmp_path / "d.pt")
+    assert load_checkpoint(tmp_path / "d.pt")["model_args"] == {"num_classes": 2}

@@ -336,3 +336,31 @@ def test_old_boolean_cache_setting_is_read(old, new):
 def test_data_loading_settings_are_checked(raw, key):
     with pytest.raises(ConfigError, match=key):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "model,key",
+    [
+        ({"stem": "conv", "patch_size": 6}, "model.stem='conv' needs every patch_size side"),
+        ({"stem": "conv", "patch_size": [8, 8, 3]}, "model.stem='conv'"),
+        ({"stem": "hybrid"}, "model.stem='hybrid' is not one of"),
+        ({"layer_scale": 0}, "model.layer_scale must be a positive number"),
+        ({"layer_scale": -1e-4}, "model.layer_scale must be a positive number"),
+        ({"drop_path": 1.0}, "model.drop_path must be in [0, 1)"),
+        ({"drop_path": -0.1}, "model.drop_path must be in [0, 1)"),
+    ],
+)
+def test_model_option_errors_name_the_key(model, key):
+    with pytest.raises(VolumetricError) as caught:
+        config_from_dict({"model": model})
+    assert str(caught.value).startswith(f"config {key}")
+    assert "\n" not in str(caught.value)
+
+
+def test_model_options_accept_their_off_and_on_values():
+    on = config_from_dict(
+        {"model": {"stem": "conv", "layer_scale": 0.1, "drop_path": 0.1, "attention_norm": True}}
+    )
+    assert (on.model.stem, on.model.layer_scale, on.model.drop_path) == ("conv", 0.1, 0.1)
+    off = config_from_dict({"model": {"layer_scale": None, "drop_path": 0}})
+    assert off.model.layer_scale is None and off.model.drop_path == 0.0

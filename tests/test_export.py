@@ -44,24 +44,27 @@ VOLUMES = [(2, 1, 16, 16, 16), (2, 1, 24, 20, 16), (1, 1, 32, 16, 28), (3, 1, 8,
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def write_checkpoint(path: Path, model_args: dict) -> Path:
     torch.manual_seed(0)
-    model = VolumeTransformer(**MODEL_ARGS)
+    model = VolumeTransformer(**model_args)
     with torch.no_grad():  # probabilities away from 0.5 but not saturated: differences show
         model.head.weight.mul_(3.0)
-    path = tmp_path_factory.mktemp("export") / "best.pt"
     save_checkpoint(
         path,
         model=model,
         arch="vit3d",
-        model_args=MODEL_ARGS,
+        model_args=model_args,
         class_names=["healthy", "lesion"],
         preprocessing=PREPROCESSING,
         config={},
         epoch=1,
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("export") / "best.pt", MODEL_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +149,25 @@ def test_description_and_reference_pair(checkpoint, exported):
     probabilities = np.load(files[4])
     expected = model_probabilities(checkpoint, torch.from_numpy(tensor)[None])
     assert np.abs(probabilities - expected).max() < 1e-6
+
+
+@pytest.mark.slow  # two exports of their own (about 15 s of tracing)
+def test_every_model_option_exports(tmp_path):
+    """The conv stem, LayerScale, the attention norm, the affine and drop path (inactive at
+    inference) trace into both formats, which agree with the checkpoint on unseen grids."""
+    options = dict(stem="conv", layer_scale=0.1, attention_norm=True, seqnorm_affine=True)
+    checkpoint = write_checkpoint(tmp_path / "best.pt", {**MODEL_ARGS, **options, "drop_path": 0.1})
+    ort = pytest.importorskip("onnxruntime")
+    onnx = export_model(checkpoint, tmp_path / "model.onnx", fmt="onnx")[0]
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    program = torch.export.load(export_model(checkpoint, tmp_path / "m.pt2", fmt="pt2")[0]).module()
+    for volume in volumes()[1:3]:
+        expected = model_probabilities(checkpoint, volume)
+        (from_onnx,) = session.run(None, {"volume": volume.numpy()})
+        with torch.no_grad():
+            from_pt2 = program(volume).numpy()
+        assert np.abs(from_onnx - expected).max() < TOLERANCE, volume.shape
+        assert np.abs(from_pt2 - expected).max() < TOLERANCE, volume.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -180,14 +180,15 @@ def test_map_peaks_at_the_planted_lesion(maps_run, name):
 # ----------------------------------------------------------------------------------------- geometry
 
 
-def test_map_has_the_input_scans_grid(tmp_path):
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_map_has_the_input_scans_grid(stem, tmp_path):
     """Non-RAS orientation (permuted and flipped axes), anisotropic spacing, a size unlike the model's
     16³ training grid: the map has the shape and affine of the file as read from disk, and voxels
-    cropped away by the preprocessing are 0."""
+    cropped away by the preprocessing are 0; with either stem (both give the patch grid)."""
     torch.manual_seed(0)
-    model = VolumeTransformer(**{**MODEL_ARGS, "pool": "mean"})
+    args = {**MODEL_ARGS, "pool": "mean", "stem": stem}
     resampled = {**NATIVE, "spacing": 1.5, "target_shape": [16, 16, 16]}
-    checkpoint = save(tmp_path / "c.pt", model, resampled, {**MODEL_ARGS, "pool": "mean"})
+    checkpoint = save(tmp_path / "c.pt", VolumeTransformer(**args), resampled, args)
     affine = np.array(
         [[0, 0, -2.0, 30], [0.9, 0, 0, -10], [0, 1.3, 0, 5], [0, 0, 0, 1]]
     )  # file axes → A, S, L

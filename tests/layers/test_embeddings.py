@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from volumetric.layers.patch_embed import PatchEmbed3d, as_triple
+from volumetric.layers.patch_embed import ConvStem3d, PatchEmbed3d, as_triple, build_stem
 from volumetric.layers.pos_embed import sincos_pos_embed_3d
 
 
@@ -148,3 +148,66 @@ def test_sincos_leftover_channels_zero(dim):
     assert embed.shape[1] == dim
     assert torch.equal(embed[:, used:], torch.zeros(embed.shape[0], dim - used))
     assert embed[:, :used].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- the conv stem
+
+
+@pytest.mark.parametrize(
+    "patch,volume",
+    [
+        (8, (16, 24, 8)),
+        (4, (8, 12, 16)),
+        ((2, 4, 8), (8, 8, 16)),
+        ([8, 4, 1], (16, 8, 3)),
+        (1, (3, 2, 1)),
+    ],
+)
+@pytest.mark.parametrize("batch,in_ch,dim", [(1, 1, 12), (2, 2, 32)])
+def test_conv_stem_reaches_the_patch_stems_grid(patch, volume, batch, in_ch, dim):
+    """Same tokens shape and grid as the patch stem, for cubic, anisotropic and unit patches."""
+    x = torch.randn(batch, in_ch, *volume)
+    options = dict(patch_size=patch, in_channels=in_ch, embed_dim=dim)
+    patch_tokens, patch_grid = PatchEmbed3d(**options)(x)
+    conv = ConvStem3d(**options)
+    conv_tokens, conv_grid = conv(x)
+    assert conv_grid == patch_grid == conv.grid(volume)
+    assert conv_tokens.shape == patch_tokens.shape
+    halvings = max(p.bit_length() - 1 for p in as_triple(patch, "patch"))
+    assert sum(isinstance(m, torch.nn.Conv3d) for m in conv.convs) == halvings
+
+
+def test_conv_stem_token_order_matches_the_grid():
+    """A bright voxel in one patch moves the token of that patch most (row-major w, h, d)."""
+    torch.manual_seed(0)
+    stem = ConvStem3d(patch_size=4, in_channels=1, embed_dim=16).eval()
+    base = torch.zeros(1, 1, 8, 12, 16)
+    bright = base.clone()
+    bright[0, 0, 5, 9, 13] = 50.0  # patch (1, 2, 3) of the (2, 3, 4) grid: token (1·3 + 2)·4 + 3
+    with torch.no_grad():
+        change = (stem(bright)[0] - stem(base)[0]).norm(dim=-1)  # (N,)
+    assert int(change.argmax()) == (1 * 3 + 2) * 4 + 3
+
+
+def test_conv_stem_is_independent_of_the_batch_and_the_rest_of_the_scan():
+    """Per-voxel LayerNorm, no BatchNorm: a scan's tokens do not depend on its batch mates, and a
+    token does not depend on voxels beyond its receptive field."""
+    torch.manual_seed(1)
+    stem = ConvStem3d(patch_size=4, in_channels=1, embed_dim=16).train()
+    x = torch.randn(3, 1, 16, 16, 16)
+    alone, together = stem(x[:1])[0], stem(x)[0]
+    torch.testing.assert_close(alone[0], together[0])
+    far = x[:1].clone()
+    far[..., 12:, 12:, 12:] += 10.0  # far corner: tokens of the first patch cannot see it
+    torch.testing.assert_close(stem(far)[0][0, 0], alone[0, 0])
+
+
+@pytest.mark.parametrize("patch", [6, (8, 8, 3), 12])
+def test_conv_stem_needs_powers_of_two(patch):
+    with pytest.raises(ValueError, match="power of two"):
+        ConvStem3d(patch_size=patch, in_channels=1, embed_dim=16)
+
+
+def test_unknown_stem():
+    with pytest.raises(ValueError, match="stem='hybrid'"):
+        build_stem("hybrid", patch_size=4, in_channels=1, embed_dim=16)

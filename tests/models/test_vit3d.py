@@ -265,3 +265,106 @@ def test_max_pool_every_parameter_gets_a_gradient():
 def test_bad_pool_raises():
     with pytest.raises(ValueError, match="pool"):
         tiny(pool="attention")
+
+
+# ---------------------------------------------------------- LayerScale, stochastic depth, norms
+
+ALL_OPTIONS = dict(
+    seqnorm_affine=True, layer_scale=0.1, attention_norm=True, stem="conv", drop_path=0.2
+)
+
+
+@pytest.mark.parametrize("value", [0.1, 1e-5])
+def test_layer_scale_starts_at_its_value_on_both_branches(value):
+    model = tiny(layer_scale=value, depth=3)
+    gammas = [
+        m.gamma for block in model.blocks for m in (block.ls1, block.ls2)
+    ]  # (C,) each, two per block
+    assert len(gammas) == 6
+    for gamma in gammas:
+        assert gamma.shape == (24,) and torch.equal(gamma, torch.full((24,), value))
+
+
+def test_layer_scale_scales_what_each_branch_adds():
+    """A block with LayerScale γ adds γ × what the same block adds without it."""
+    torch.manual_seed(5)
+    plain = tiny(depth=1)
+    scaled = tiny(depth=1, layer_scale=0.25)
+    scaled.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 40, 24)
+    block_p, block_s = plain.blocks[0], scaled.blocks[0]
+    with torch.no_grad():
+        attn_p = block_p.attn(block_p.norm1(x))
+        attn_s = block_s.ls1(block_s.attn(block_s.norm1(x)))
+    torch.testing.assert_close(attn_s, 0.25 * attn_p)
+
+
+def test_layer_scale_off_adds_no_weights():
+    names = {n for n, _ in tiny().named_parameters()}
+    assert not any(".ls" in n or "out_norm" in n for n in names)
+    with_all = {n for n, _ in tiny(layer_scale=0.1, attention_norm=True).named_parameters()}
+    assert {"blocks.0.ls1.gamma", "blocks.0.ls2.gamma", "blocks.0.attn.out_norm.weight"} <= with_all
+
+
+def test_drop_path_is_inactive_in_eval_and_active_in_training():
+    torch.manual_seed(6)
+    dropping = tiny(drop_path=0.5, depth=3)
+    plain = tiny(depth=3)
+    plain.load_state_dict(dropping.state_dict())
+    x = torch.randn(8, 1, 8, 8, 8)
+    dropping.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropping(x), plain(x), rtol=0, atol=0)
+        dropping.train(), plain.train()
+        assert not torch.allclose(dropping(x), plain(x))
+    # the rate grows linearly with depth: none in the first block, the full rate in the last
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in dropping.blocks]
+    assert rates == [0.0, 0.25, 0.5]
+
+
+def test_every_option_together_trains_and_checkpoints_the_same():
+    """All options on: every parameter gets a gradient, and gradient checkpointing (eval-mode
+    drop path, so both passes are the same function) changes neither outputs nor gradients."""
+    torch.manual_seed(7)
+    plain = tiny(**ALL_OPTIONS, depth=2, patch_size=4).eval()
+    checkpointed = tiny(**ALL_OPTIONS, depth=2, patch_size=4, grad_checkpointing=True).eval()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 8, 12, 8)
+    out_plain, out_ckpt = plain(x), checkpointed(x)
+    torch.testing.assert_close(out_ckpt, out_plain)
+    out_plain.square().sum().backward()
+    out_ckpt.square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert p.grad is not None and torch.count_nonzero(p.grad), name
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_options_draw_nothing_from_the_rng_but_the_conv_stem():
+    """LayerScale, the attention norm and drop path draw no random numbers at construction: a
+    seed gives the same shared weights with them as without (the conv stem draws its kernels)."""
+    torch.manual_seed(8)
+    plain = tiny()
+    torch.manual_seed(8)
+    options = tiny(layer_scale=0.1, attention_norm=True, drop_path=0.1)
+    shared = options.state_dict()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(shared[name], value), name
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(layer_scale=0), "layer_scale"),
+        (dict(layer_scale=-0.1), "layer_scale"),
+        (dict(layer_scale=True), "layer_scale"),
+        (dict(drop_path=1.0), "drop_path"),
+        (dict(drop_path=-0.1), "drop_path"),
+        (dict(stem="hybrid"), "stem"),
+        (dict(stem="conv", patch_size=6), "stem"),
+        (dict(stem="conv", patch_size=(4, 4, 3)), "stem"),
+        (dict(attention_norm="yes"), "attention_norm"),
+    ],
+)
+def test_bad_option_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        tiny(**kwargs)
