@@ -429,7 +429,7 @@ def validation_record(run_dir: Path) -> dict:
 
 def run_one(study: Study, model: str, seed: int) -> dict:
     """Train (or resume, or reuse) and evaluate one run; returns and writes its compare.json."""
-    import torch
+    from volumetric.checkpoint import load_checkpoint
 
     run_dir = study.runs / f"{model}-s{seed}-{study.epochs}ep"
     settings = settings_of(study, model, seed)
@@ -482,7 +482,7 @@ def run_one(study: Study, model: str, seed: int) -> dict:
     evaluate += ["--no-report"] if supports("volumetric-evaluate", "--no-report") else []
     run_command(evaluate)
 
-    state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    state = load_checkpoint(run_dir / "best.pt")
     seconds = [float(row["seconds"]) for row in _epoch_rows(run_dir)]
     record = {
         "settings": settings,
@@ -491,8 +491,8 @@ def run_one(study: Study, model: str, seed: int) -> dict:
         "epoch_seconds": seconds,
         "seconds_per_epoch": statistics.median(seconds),
         "epochs": len(seconds),
-        "best_epoch": state.get("epoch", state.get("best_epoch")),
-        "parameters": sum(v.numel() for v in state["model"].values() if v.is_floating_point()),
+        "best_epoch": state.epoch,
+        "parameters": sum(v.numel() for v in state.weights.values() if v.is_floating_point()),
         # of the last training process (a resumed run: of its resumption); None when not measured
         "peak_memory_gib": peak_gib,
     }

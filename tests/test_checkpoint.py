@@ -13,7 +13,6 @@ from volumetric.checkpoint import (
     FORMAT_VERSION,
     VIT_OPTIONS_BEFORE_V4,
     load_checkpoint,
-    model_from_checkpoint,
     save_checkpoint,
 )
 from volumetric.errors import VolumetricError
@@ -46,8 +45,8 @@ class Payload:
 
 def test_checkpoint_round_trip_and_format_version(tmp_path):
     state = load_checkpoint(good_checkpoint(tmp_path / "a.pt"))
-    assert state["format_version"] == FORMAT_VERSION
-    model = model_from_checkpoint(state)
+    assert state.format_version == FORMAT_VERSION
+    model = state.build_model()
     assert not model.training and model.head.out_features == 2
 
 
@@ -81,11 +80,11 @@ def test_weights_of_another_model_are_a_clear_error(change, tmp_path):
     path = good_checkpoint(tmp_path / "a.pt")
     state = load_checkpoint(path)
     if change == "other-architecture":
-        state["model_args"] = {**MODEL_ARGS, "depth": 2}
+        state.model_args = {**MODEL_ARGS, "depth": 2}
     else:
-        state["model"].pop("head.weight")
+        state.weights.pop("head.weight")
     with pytest.raises(VolumetricError, match="weights do not fit"):
-        model_from_checkpoint(state, path)
+        state.build_model()
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -112,14 +111,14 @@ def test_version_1_file_is_upgraded_when_read():
     raw = torch.load(V1 / "best.pt", weights_only=True)
     assert raw["format_version"] == 1 and "optimizer" in raw  # what the fixture really holds
     state = load_checkpoint(V1 / "best.pt")
-    assert state["format_version"] == FORMAT_VERSION == 4
-    assert state["arch"] == "vit3d" and "arch" not in state["model_args"]
+    assert state.format_version == FORMAT_VERSION == 4
+    assert state.arch == "vit3d" and "arch" not in state.model_args
     # "seqnorm" meant Q and K normalized then: that form is seqnorm_qk now
     assert raw["model_args"]["attention"] == "seqnorm"
-    assert state["model_args"]["attention"] == state["config"]["model"]["attention"] == "seqnorm_qk"
-    assert "optimizer" not in state and "optimizer" in state["training"]
-    VolumeTransformer(**state["model_args"])  # exactly the constructor's arguments
-    assert state["metrics"]["epoch"] == state["epoch"]
+    assert state.model_args["attention"] == state.config["model"]["attention"] == "seqnorm_qk"
+    assert "optimizer" in state.training
+    VolumeTransformer(**state.model_args)  # exactly the constructor's arguments
+    assert state.metrics["epoch"] == state.epoch
 
 
 @pytest.mark.parametrize("tta", [0, 2])
@@ -151,8 +150,8 @@ def test_best_holds_no_optimizer_and_last_resumes(tmp_path):
         tmp_path / "last.pt", model=model, config={}, epoch=3, training=training, **meta
     )
     best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
-    assert "training" not in best and "optimizer" not in best
-    assert last["training"]["step"] == 7 and best["epoch"] == last["epoch"] == 3
+    assert best.training is None and last.training is not None
+    assert last.training["step"] == 7 and best.epoch == last.epoch == 3
 
 
 def format_2_checkpoint(
@@ -195,17 +194,17 @@ def test_version_2_seqnorm_loads_as_seqnorm_qk_and_predicts_as_before(named, tmp
         expected = before(x).softmax(-1)
 
     state = load_checkpoint(path)
-    assert state["format_version"] == 4
-    assert state["model_args"]["attention"] == "seqnorm_qk"
+    assert state.format_version == 4
+    assert state.model_args["attention"] == "seqnorm_qk"
     if named:  # the resolved config of the run says the same
-        assert state["config"]["model"]["attention"] == "seqnorm_qk"
-    model = model_from_checkpoint(state, path)
+        assert state.config["model"]["attention"] == "seqnorm_qk"
+    model = state.build_model()
     with torch.no_grad():
         probs = model(x).softmax(-1)
     assert torch.equal(probs, expected)
     # not vacuous: the same weights under today's seqnorm (V normalized too) predict otherwise
     today = VolumeTransformer(**args, attention="seqnorm").eval()
-    today.load_state_dict(state["model"])
+    today.load_state_dict(state.weights)
     with torch.no_grad():
         assert not torch.allclose(today(x).softmax(-1), expected, atol=1e-4)
 
@@ -214,8 +213,8 @@ def test_version_2_other_attention_kinds_are_kept(tmp_path):
     model = VolumeTransformer(**MODEL_ARGS, attention="softmax")
     path = format_2_checkpoint(tmp_path / "best.pt", {**MODEL_ARGS, "attention": "softmax"}, model)
     state = load_checkpoint(path)
-    assert state["model_args"]["attention"] == state["config"]["model"]["attention"] == "softmax"
-    model_from_checkpoint(state, path)
+    assert state.model_args["attention"] == state.config["model"]["attention"] == "softmax"
+    state.build_model()
 
 
 def test_new_checkpoints_keep_seqnorm_and_the_affine(tmp_path):
@@ -231,8 +230,8 @@ def test_new_checkpoints_keep_seqnorm_and_the_affine(tmp_path):
         config={"model": {"attention": "seqnorm", "seqnorm_affine": True}},
     )
     state = load_checkpoint(tmp_path / "a.pt")
-    assert state["model_args"] == args and state["config"]["model"]["attention"] == "seqnorm"
-    rebuilt = model_from_checkpoint(state)
+    assert state.model_args == args and state.config["model"]["attention"] == "seqnorm"
+    rebuilt = state.build_model()
     x = torch.randn(1, 1, 8, 8, 8)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model.eval()(x))
@@ -255,16 +254,16 @@ def test_version_3_file_keeps_its_options_off_whatever_the_defaults(with_affine_
     with torch.no_grad():
         expected = before(x).softmax(-1)
     state = load_checkpoint(path)
-    assert state["format_version"] == FORMAT_VERSION == 4
+    assert state.format_version == FORMAT_VERSION == 4
     for key, value in VIT_OPTIONS_BEFORE_V4.items():
-        assert state["model_args"][key] == value, key
-        assert state["config"]["model"][key] == value, key
+        assert state.model_args[key] == value, key
+        assert state.config["model"][key] == value, key
     with torch.no_grad():
-        assert torch.equal(model_from_checkpoint(state, path)(x).softmax(-1), expected)
+        assert torch.equal(state.build_model()(x).softmax(-1), expected)
 
 
 def test_version_3_densenet_is_left_as_it_was(tmp_path):
     content = torch.load(good_checkpoint(tmp_path / "v.pt"), weights_only=True)
     content.update(format_version=3, arch="densenet121", model_args={"num_classes": 2})
     torch.save(content, tmp_path / "d.pt")
-    assert load_checkpoint(tmp_path / "d.pt")["model_args"] == {"num_classes": 2}
+    assert load_checkpoint(tmp_path / "d.pt").model_args == {"num_classes": 2}

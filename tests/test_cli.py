@@ -77,15 +77,15 @@ def test_train_writes_run_folder(trained_run):
 
 def test_checkpoint_is_self_describing(trained_run):
     state = load_checkpoint(trained_run / "last.pt")
-    assert state["class_names"] == ["healthy", "lesion"]
-    assert state["model_args"]["num_classes"] == 2 and state["model_args"]["embed_dim"] == 24
-    assert state["preprocessing"]["target_shape"] == [16, 16, 16]
-    assert state["preprocessing"]["patch_size"] == 4
-    assert state["epoch"] == 2
-    assert state["arch"] == "vit3d"
-    model = VolumeTransformer(**state["model_args"])  # the model's constructor arguments, exactly
-    model.load_state_dict(state["model"])  # the weights fit the arguments it carries
-    assert 1 <= load_checkpoint(trained_run / "best.pt")["epoch"] <= 2
+    assert state.class_names == ["healthy", "lesion"]
+    assert state.model_args["num_classes"] == 2 and state.model_args["embed_dim"] == 24
+    assert state.preprocessing["target_shape"] == [16, 16, 16]
+    assert state.preprocessing["patch_size"] == 4
+    assert state.epoch == 2
+    assert state.arch == "vit3d"
+    model = VolumeTransformer(**state.model_args)  # the model's constructor arguments, exactly
+    model.load_state_dict(state.weights)  # the weights fit the arguments it carries
+    assert 1 <= load_checkpoint(trained_run / "best.pt").epoch <= 2
 
 
 def test_train_softmax_attention(tiny_dataset, tmp_path):
@@ -100,7 +100,7 @@ def test_train_softmax_attention(tiny_dataset, tmp_path):
         )
         == 0
     )
-    assert load_checkpoint(run / "last.pt")["model_args"]["attention"] == "softmax"
+    assert load_checkpoint(run / "last.pt").model_args["attention"] == "softmax"
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["attention"] == "softmax"
     header, rows = read_csv(run / "metrics.csv")
     assert header == METRIC_HEADER and len(rows) == 1
@@ -113,7 +113,7 @@ def test_same_seed_same_weights(trained_run, tiny_dataset_shared, tmp_path):
     assert_same_weights(first, second)
     # training did move the weights: a fresh model of the same seed differs
     torch.manual_seed(0)
-    fresh = build_model("vit3d", load_checkpoint(run / "last.pt")["model_args"]).state_dict()
+    fresh = build_model("vit3d", load_checkpoint(run / "last.pt").model_args).state_dict()
     assert not torch.equal(fresh["patch_embed.proj.weight"], first["patch_embed.proj.weight"])
 
 
@@ -127,7 +127,7 @@ def test_resume_continues_to_more_epochs(trained_run, tiny_dataset_shared, tmp_p
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert rows[:2] == before  # the history of the first two epochs is kept as it was
     assert int(rows[2]["step"]) == 3 * 4
-    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    assert load_checkpoint(run / "last.pt").epoch == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
     assert any(
         not torch.equal(a, b)
@@ -155,7 +155,7 @@ def test_interrupted_run_resumes_exactly(
     stopped = train_stopped_in_epoch_2(monkeypatch, tiny_dataset_shared, run, config, flag)
     assert stopped == 130
     assert "interrupted" in capsys.readouterr().err
-    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "last.pt").epoch == 1
     assert train(tiny_dataset_shared, run, None, "--resume") == 0
     _, rows = read_csv(run / "metrics.csv")
     _, expected = read_csv(reference / "metrics.csv")
@@ -523,7 +523,7 @@ def test_resume_with_other_model_is_an_error(trained_run, tiny_dataset_shared, t
         == 2
     )
     assert_one_line_error(capsys, "volumetric-train", "model settings")
-    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert load_checkpoint(run / "last.pt").epoch == 2
 
 
 # ----------------------------------------------------------------------- bugs, configs, export

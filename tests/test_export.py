@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from volumetric.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from volumetric.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.data.dataset import preprocess_scan, read_scan
 from volumetric.errors import VolumetricError
 from volumetric.export import export_model
@@ -77,7 +77,7 @@ def exported(checkpoint) -> dict[str, list[Path]]:
 
 
 def model_probabilities(checkpoint: Path, volume: torch.Tensor) -> np.ndarray:
-    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    model = load_checkpoint(checkpoint).build_model()
     with torch.no_grad():
         return model(volume).softmax(dim=1).numpy()  # (B, K)
 
@@ -138,7 +138,7 @@ def test_description_and_reference_pair(checkpoint, exported):
     assert len(description["preprocessing_steps"]) == 7
     assert description["reference"]["tensor"] == "model.reference_tensor.npy"
 
-    settings = load_checkpoint(checkpoint)["preprocessing"]
+    settings = load_checkpoint(checkpoint).preprocessing
     preprocess = build_preprocessing(settings, settings["patch_size"])
     subject = preprocess_scan(files[2], read_scan(files[2]), preprocess)
     fresh = subject.image.data.float().numpy()  # (C, W, H, D)

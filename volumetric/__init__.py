@@ -8,11 +8,10 @@ classifies a scan file, an array with its affine, or a TorchIO image (volumetric
 The method is explained in docs/method.md.
 """
 
-__version__ = "0.1.0"
-
-from volumetric.errors import ConfigError, VolumetricError  # noqa: E402
-from volumetric.layers.attention import seqnorm_attention  # noqa: E402
-from volumetric.models.vit3d import VolumeTransformer  # noqa: E402
+from volumetric.errors import ConfigError, VolumetricError
+from volumetric.layers.attention import seqnorm_attention
+from volumetric.models.vit3d import VolumeTransformer
+from volumetric.version import __version__
 
 __all__ = [
     "ConfigError",

@@ -15,6 +15,8 @@ Shared by training (writes), evaluation and inference (read). Format version 4:
 
 best.pt holds no training state: inference and fine-tuning need the weights, not the optimizer.
 Loading uses ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+`load_checkpoint` returns a `Checkpoint`, the file's content after the upgrades below, as typed
+fields (the weights under ``weights``); nothing else in the package reads a checkpoint's dict.
 
 Older versions are upgraded when read, so every file ever written keeps loading and predicting
 the same: version 1 kept ``arch`` inside ``model_args`` (absent meant vit3d) and the training
@@ -31,16 +33,17 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from volumetric import __version__
 from volumetric.atomic_files import atomic_torch_save
 from volumetric.errors import VolumetricError, first_line
-from volumetric.models.registry import build_model, model_arguments
+from volumetric.models.registry import ArchitectureSpec, architecture, model_arguments
+from volumetric.version import __version__
 
 FORMAT = "volumetric-checkpoint"
 FORMAT_VERSION = 4
@@ -150,10 +153,88 @@ _UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+@dataclass
+class Checkpoint:
+    """A checkpoint file as the current format reads it (after `load_checkpoint`'s upgrades)."""
+
+    arch: str  # the architecture's registered name (volumetric/models/registry.py)
+    model_args: dict[str, Any]  # its constructor's arguments, exactly
+    class_names: list[str]  # in logit order
+    preprocessing: dict[str, Any]  # the data settings and patch size of the training run
+    weights: dict[str, Tensor] = field(repr=False)  # the model's state_dict ("model" in the file)
+    config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config
+    epoch: int = 0  # the epoch the weights are from
+    metrics: dict[str, Any] = field(default_factory=dict)  # that epoch's row of metrics.csv
+    training: dict[str, Any] | None = field(default=None, repr=False)  # last.pt: what resumes
+    training_groups: dict[str, Any] | None = None  # salted hashes of the training split's groups
+    format_version: int = FORMAT_VERSION  # always the current one: the content is upgraded
+    written_version: int = FORMAT_VERSION  # the format the file was written in
+    volumetric_version: str = ""  # the volumetric that wrote it
+    path: Path | None = None  # where it was read from
+
+    @property
+    def spec(self) -> ArchitectureSpec:
+        """The architecture's registry entry; a VolumetricError when it is not installed."""
+        try:
+            return architecture(self.arch)
+        except VolumetricError as error:
+            raise VolumetricError(f"{self.path or 'checkpoint'}: {error}") from None
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.model_args.get("in_channels", 1))
+
+    def build_model(self) -> nn.Module:
+        """The model with its saved arguments and weights, in eval mode, on the CPU."""
+        spec = self.spec
+        try:
+            model = spec.build(**self.model_args)
+            model.load_state_dict(self.weights)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise VolumetricError(
+                f"{self.path or 'checkpoint'}: weights do not fit the model it describes "
+                f"({first_line(error)})"
+            ) from None
+        return model.eval()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read, check and upgrade a checkpoint to the current version; any problem is a
     VolumetricError naming the file."""
     path = Path(path)
+    checkpoint = _read(path, map_location)
+    version = checkpoint.get("format_version")
+    written = version
+    while version in _UPGRADES:
+        checkpoint = _UPGRADES[version](checkpoint)
+        version = checkpoint["format_version"]
+    if version != FORMAT_VERSION:
+        raise VolumetricError(
+            f"{path}: checkpoint format version {written} is not supported "
+            f"(this volumetric {__version__} reads versions 1 to {FORMAT_VERSION})"
+        )
+    for key in REQUIRED:
+        if key not in checkpoint:
+            raise VolumetricError(f"{path}: checkpoint lacks {key!r}")
+    return Checkpoint(
+        arch=checkpoint["arch"],
+        model_args=dict(checkpoint["model_args"]),
+        class_names=list(checkpoint["class_names"]),
+        preprocessing=dict(checkpoint["preprocessing"]),
+        weights=checkpoint["model"],
+        config=checkpoint.get("config") or {},
+        epoch=checkpoint.get("epoch", 0),
+        metrics=checkpoint.get("metrics") or {},
+        training=checkpoint.get("training"),
+        training_groups=checkpoint.get("training_groups"),
+        written_version=written,
+        volumetric_version=checkpoint.get("volumetric_version", ""),
+        path=path,
+    )
+
+
+def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The file's dict, loaded weights-only; a VolumetricError for anything else."""
     if not path.is_file():
         raise VolumetricError(f"{path}: checkpoint not found")
     try:
@@ -169,28 +250,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise VolumetricError(f"{path}: not a volumetric checkpoint")
-    version = checkpoint.get("format_version")
-    while version in _UPGRADES:
-        checkpoint = _UPGRADES[version](checkpoint)
-        version = checkpoint["format_version"]
-    if version != FORMAT_VERSION:
-        raise VolumetricError(
-            f"{path}: checkpoint format version {checkpoint.get('format_version')} is not supported "
-            f"(this volumetric {__version__} reads versions 1 to {FORMAT_VERSION})"
-        )
-    for key in REQUIRED:
-        if key not in checkpoint:
-            raise VolumetricError(f"{path}: checkpoint lacks {key!r}")
     return checkpoint
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild the model with its saved arguments and weights (eval mode, on the CPU)."""
-    try:
-        model = build_model(checkpoint["arch"], checkpoint["model_args"])
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise VolumetricError(
-            f"{path}: weights do not fit the model it describes ({first_line(error)})"
-        ) from None
-    return model.eval()

@@ -13,12 +13,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from volumetric import __version__
 from volumetric.config import apply_overrides, config_from_dict, config_to_yaml, load_config
 from volumetric.engine.distributed import is_main
 from volumetric.engine.interrupt import TrainingInterrupted
 from volumetric.errors import VolumetricError, first_line
 from volumetric.explain.relevance import STEPS
+from volumetric.version import __version__
 
 log = logging.getLogger("volumetric")
 
@@ -214,7 +214,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.resume and args.config is None:
         if args.output_dir is None:
             raise VolumetricError("--resume needs the --output-dir of the run to continue")
-        raw = load_checkpoint(Path(args.output_dir) / "last.pt")["config"]
+        raw = load_checkpoint(Path(args.output_dir) / "last.pt").config
         config = config_from_dict(apply_overrides(raw, overrides))
     else:
         config = load_config(args.config, overrides)

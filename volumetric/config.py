@@ -147,20 +147,18 @@ class Config:
     def validate(self) -> Config:
         """Check values that types alone do not catch; returns self."""
         m, d, t = self.model, self.data, self.train
-        from volumetric.models.registry import ARCHITECTURES
-        from volumetric.models.vit3d import check_model_arguments
+        from volumetric.models.registry import architectures
 
-        if m.arch not in ARCHITECTURES:
-            raise ConfigError(f"config model.arch={m.arch!r} is not one of {tuple(ARCHITECTURES)}")
-        model_arguments = {
-            k: v
-            for k, v in asdict(m).items()
-            if k not in ("grad_checkpointing", "memory_lean", "arch")
-        }
-        try:
-            check_model_arguments(**model_arguments)
-        except ValueError as error:  # the message starts with the argument's name
-            raise ConfigError(f"config model.{error}") from None
+        spec = architectures().get(m.arch)
+        if spec is None:
+            raise ConfigError(
+                f"config model.arch={m.arch!r} is not one of {tuple(architectures())}"
+            )
+        if spec.check_config is not None:
+            try:  # the architecture's own keys only: a CNN ignores the ViT's
+                spec.check_config(asdict(m))
+            except ValueError as error:  # the message starts with the argument's name
+                raise ConfigError(f"config model.{error}") from None
         if d.intensity not in INTENSITY_MODES:
             raise ConfigError(
                 f"config data.intensity={d.intensity!r} is not one of {INTENSITY_MODES}"
@@ -185,10 +183,10 @@ class Config:
                 raise ConfigError(f"config train.{name} must be at least 1, got {getattr(t, name)}")
         if not 0.0 <= t.val_fraction < 1.0:
             raise ConfigError(f"config train.val_fraction must be in [0, 1), got {t.val_fraction}")
-        if t.freeze_blocks < 0 or t.freeze_blocks > 0 and m.arch != "vit3d":
+        if t.freeze_blocks < 0 or t.freeze_blocks > 0 and not spec.tokens:
             raise ConfigError(
                 f"config train.freeze_blocks={t.freeze_blocks} must be 0, or 1 to model.depth "
-                "for a vit3d model"
+                f"for a model of blocks such as vit3d ({m.arch} has none)"
             )
         if t.freeze_blocks > m.depth:
             raise ConfigError(

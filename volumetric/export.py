@@ -38,15 +38,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from volumetric import __version__
 from volumetric.atomic_files import atomic_write_bytes
-from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
+from volumetric.checkpoint import Checkpoint, load_checkpoint
 from volumetric.data.dataset import preprocess_scan, read_scan
 from volumetric.errors import VolumetricError, first_line
 from volumetric.layers.mlp import Mlp
 from volumetric.layers.patch_embed import as_triple
-from volumetric.models.vit3d import VolumeTransformer
 from volumetric.transforms import build_preprocessing
+from volumetric.version import __version__
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 """Export format → the file suffix the output must have."""
@@ -90,10 +89,12 @@ def export_model(
     output = _check_request(Path(checkpoint), Path(output), fmt, opset)
     opset = (opset or DEFAULT_OPSET) if fmt == "onnx" else None
     state = load_checkpoint(checkpoint)
-    model = _inference_copy(model_from_checkpoint(state, checkpoint))
-    settings = dict(state["preprocessing"])
+    if not state.spec.export:
+        raise VolumetricError(f"{checkpoint}: a {state.arch} model cannot be exported")
+    model = _inference_copy(state.build_model())
+    settings = dict(state.preprocessing)
     patch = as_triple(settings["patch_size"], "patch_size")
-    in_channels = state["model_args"].get("in_channels", 1)
+    in_channels = state.in_channels
     names = _companions(output)
     if Path(checkpoint).resolve() in {p.resolve() for p in [output, *names.values()]}:
         raise VolumetricError(f"{output}: the export would overwrite the checkpoint it reads")
@@ -173,7 +174,7 @@ def _inference_copy(model: nn.Module) -> nn.Module:
     """``model`` (eval mode, CPU) with the training-only memory savers off: gradient checkpointing
     and the chunked MLP are Python loops around autograd that a graph cannot hold, and without
     gradients they compute nothing different."""
-    if isinstance(model, VolumeTransformer):
+    if hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = False
     for module in model.modules():
         if isinstance(module, Mlp):
@@ -396,23 +397,19 @@ def _preprocessing_steps(settings: dict[str, Any]) -> list[str]:
     return steps
 
 
-def _limits(arch: str, fmt: str) -> str:
+def _limits(state: Checkpoint, fmt: str) -> str:
     """The shapes a graph refuses although the model accepts them, and why."""
     if fmt == "onnx":
         return "none beyond the model's own: any batch, any patch multiple on each spatial axis"
-    reason = (
-        "torch.export records a memory-layout guard on a convolution output of one voxel, so "
-        "ExportedProgram.module() refuses "
-    )
-    if arch == "vit3d":
-        return reason + "a volume of a single patch; module(check_guards=False) runs it"
     return (
-        reason + "a volume whose last feature map is one voxel; module(check_guards=False) runs it"
+        "torch.export records a memory-layout guard on a convolution output of one voxel, so "
+        f"ExportedProgram.module() refuses {state.spec.export_limits}; "
+        "module(check_guards=False) runs it"
     )
 
 
 def _description(
-    state: dict[str, Any],
+    state: Checkpoint,
     fmt: str,
     opset: int | None,
     output: Path,
@@ -421,13 +418,13 @@ def _description(
     in_channels: int,
 ) -> dict[str, Any]:
     """The content of <stem>.preprocessing.json: what a deployment needs to feed the graph."""
-    classes = list(state["class_names"])
+    classes = state.class_names
     return {
         "format": "volumetric-export",
         "volumetric_version": __version__,
-        "checkpoint_format_version": state["format_version"],
-        "epoch": state.get("epoch"),
-        "arch": state["arch"],
+        "checkpoint_format_version": state.format_version,
+        "epoch": state.epoch,
+        "arch": state.arch,
         "class_names": classes,
         "model_file": output.name,
         "model_format": fmt,
@@ -446,9 +443,9 @@ def _description(
             "layout": f"(B, {len(classes)})",
             "meaning": "softmax of the logits: one probability per class, in class_names order",
         },
-        "limits": _limits(state["arch"], fmt),
-        "preprocessing": _preprocessing_settings(state["preprocessing"]),
-        "preprocessing_steps": _preprocessing_steps(state["preprocessing"]),
+        "limits": _limits(state, fmt),
+        "preprocessing": _preprocessing_settings(state.preprocessing),
+        "preprocessing_steps": _preprocessing_steps(state.preprocessing),
         "reference": {
             "input": names["reference_input"].name,
             "tensor": names["reference_tensor"].name,

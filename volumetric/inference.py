@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from volumetric.atomic_files import atomic_write_csv
-from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
+from volumetric.checkpoint import load_checkpoint
 from volumetric.data.dataset import check_volume, preprocess_scan, read_scan
 from volumetric.data.discovery import Unusable
 from volumetric.data.loading import resolve_workers
@@ -48,7 +48,7 @@ from volumetric.errors import VolumetricError, first_line
 from volumetric.evaluation.rows import PredictionTable, predicted_class
 from volumetric.explain.relevance import STEPS, RelevanceMap, relevance_map
 from volumetric.explain.save import map_names, save_relevance
-from volumetric.models.vit3d import VolumeTransformer
+from volumetric.models.registry import ArchitectureSpec, architecture
 from volumetric.transforms import build_preprocessing
 from volumetric.transforms.tta import build_tta
 
@@ -74,6 +74,12 @@ class LoadedModel:
     path: Path
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None: float32
+    training_groups: dict[str, Any] | None = None  # hashed groups of the training split
+
+    @property
+    def spec(self) -> ArchitectureSpec:
+        """The architecture's registry entry: what the model supports."""
+        return architecture(self.arch)
 
     @property
     def channels(self) -> list[str] | None:
@@ -98,18 +104,19 @@ def load_model(
     """Load a checkpoint written by volumetric-train (any format version) for inference."""
     state = load_checkpoint(checkpoint)
     run_device = resolve_device(device)
-    settings = state["preprocessing"]
+    settings = state.preprocessing
     return LoadedModel(
-        model=model_from_checkpoint(state, checkpoint).to(run_device),
-        class_names=list(state["class_names"]),
+        model=state.build_model().to(run_device),
+        class_names=state.class_names,
         preprocessing=build_preprocessing(settings, settings["patch_size"]),
         settings=dict(settings),
-        in_channels=state["model_args"].get("in_channels", 1),
-        arch=state["arch"],
-        config=state.get("config") or {},
+        in_channels=state.in_channels,
+        arch=state.arch,
+        config=state.config,
         path=Path(checkpoint),
         device=run_device,
         dtype=autocast_dtype(run_device, precision),
+        training_groups=state.training_groups,
     )
 
 
@@ -201,11 +208,11 @@ class Predictor:
         return self.loaded.class_names
 
     def check_explainable(self) -> None:
-        """Relevance maps need the token model; a VolumetricError for any other architecture."""
-        if not isinstance(self.model, VolumeTransformer):
+        """Relevance maps need a token model; a VolumetricError for any other architecture."""
+        if not self.loaded.spec.tokens:
             raise VolumetricError(
-                f"{self.loaded.path}: relevance maps need a vit3d checkpoint, this model is a "
-                f"{type(self.model).__name__}"
+                f"{self.loaded.path}: relevance maps need a vit3d checkpoint (or another model "
+                f"of patch tokens), this model is a {self.loaded.arch}"
             )
 
     def __call__(

@@ -91,7 +91,7 @@ def test_resume_with_workers_reaches_the_uninterrupted_weights(
     run = tmp_path / "run"
     stopped = train_stopped_in_epoch_2(monkeypatch, tiny_dataset_shared, run, config, *flags)
     assert stopped == 130
-    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "last.pt").epoch == 1
     assert train(tiny_dataset_shared, run, None, "--resume") == 0
     _, rows = read_csv(run / "metrics.csv")
     _, expected = read_csv(tmp_path / "reference" / "metrics.csv")

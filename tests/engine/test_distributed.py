@@ -210,9 +210,7 @@ def test_two_processes_write_one_run_folder(ddp_run):
     assert done.stdout.count("best epoch") == 1  # only rank 0 reports
     state = load_checkpoint(run / "last.pt")
     assert (
-        state["epoch"] == 2
-        and state["training"]["world_size"] == 2
-        and state["training"]["partial"] is None
+        state.epoch == 2 and state.training["world_size"] == 2 and state.training["partial"] is None
     )
 
 
@@ -222,7 +220,7 @@ def test_checkpoint_is_plain_and_infers(ddp_run, data, tmp_path):
     for name in ("best.pt", "last.pt"):
         state = load_checkpoint(run / name)
         assert not [
-            k for k in state["model"] if k.startswith("module.")
+            k for k in state.weights if k.startswith("module.")
         ]  # the unwrapped model was saved
     output = tmp_path / "predictions.csv"
     assert (
@@ -271,17 +269,17 @@ def test_signal_to_one_process_stops_both_and_resume_is_exact(ddp_run, data, tmp
     )
     state = load_checkpoint(run / "last.pt")
     assert (
-        state["epoch"] == 1
-        and state["training"]["partial"]["batch"] == 2
-        and len(state["training"]["partial"]["rngs"]) == 2
+        state.epoch == 1
+        and state.training["partial"]["batch"] == 2
+        and len(state.training["partial"]["rngs"]) == 2
     )
     script_path = shutil.which("volumetric-train", path=str(Path(sys.executable).parent))
     launcher = [script_path] if script_path else ["-m", "volumetric", "train"]
     resumed = torchrun(*launcher, *train_args(data, run, "--resume"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final, expected = (
-        load_checkpoint(run / "last.pt")["model"],
-        load_checkpoint(reference / "last.pt")["model"],
+        load_checkpoint(run / "last.pt").weights,
+        load_checkpoint(reference / "last.pt").weights,
     )
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert [r["train_loss"] for r in metric_rows(run)] == [
@@ -301,7 +299,7 @@ def test_nan_on_one_process_stops_both(data, tmp_path):
     )  # rank 1, first batch of epoch 2
     assert done.returncode != 0  # and it returned at all: rank 0 did not wait forever for rank 1
     assert "training loss became nan at epoch 2, step 2" in done.stderr, done.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1  # the last good state
+    assert load_checkpoint(tmp_path / "run" / "last.pt").epoch == 1  # the last good state
 
 
 @pytest.mark.slow  # `ddp_run`: a two-process torchrun run
@@ -316,4 +314,4 @@ def test_resume_on_one_process(ddp_run, data, tmp_path):
     assert float(rows[2]["lr"]) == pytest.approx(
         0.0, abs=1e-12
     )  # the cosine ends with the last epoch
-    assert load_checkpoint(run / "last.pt")["training"]["world_size"] == 1
+    assert load_checkpoint(run / "last.pt").training["world_size"] == 1

@@ -83,9 +83,7 @@ def test_signal_saves_and_resume_matches(signum, reference, tiny_dataset_shared,
     assert process.returncode == 128 + signum
     assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
     state = load_checkpoint(run / "last.pt")
-    assert (
-        2 <= state["epoch"] < EPOCHS
-    )  # saved where it stopped (mid-epoch: with a `partial` record)
+    assert 2 <= state.epoch < EPOCHS  # saved where it stopped (mid-epoch: with a `partial` record)
     assert train(tiny_dataset_shared, run, None, "--resume") == 0
     assert_same_weights(weights(run / "last.pt"), weights(reference / "last.pt"))
     assert _same_losses(run, reference)
@@ -110,10 +108,10 @@ def test_kill_9_then_resume_reaches_the_same_weights(reference, tiny_dataset_sha
     process.kill()  # SIGKILL: no handler runs, whatever was being written is abandoned
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    saved = load_checkpoint(run / "last.pt")["epoch"]  # a complete file, never a torn one
+    saved = load_checkpoint(run / "last.pt").epoch  # a complete file, never a torn one
     assert 3 <= saved < EPOCHS
     assert train(tiny_dataset_shared, run, None, "--resume") == 0
-    assert load_checkpoint(run / "last.pt")["epoch"] == EPOCHS
+    assert load_checkpoint(run / "last.pt").epoch == EPOCHS
     assert_same_weights(weights(run / "last.pt"), weights(reference / "last.pt"))
     assert _same_losses(run, reference)
 
@@ -139,8 +137,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     )
     line = assert_one_line_error(capsys, "volumetric-train", "nan", "epoch 2", "last.pt")
     state = load_checkpoint(run / "last.pt")
-    assert state["epoch"] == 1, line
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state.epoch == 1, line
+    assert all(torch.isfinite(v).all() for v in state.weights.values() if v.is_floating_point())
 
 
 def test_nan_loss_before_any_checkpoint_says_so(tiny_dataset_shared, tmp_path, monkeypatch, capsys):

@@ -99,7 +99,7 @@ def test_fine_tuning_run_keeps_frozen_weights_and_trains_the_rest(
         if key.startswith(("patch_embed.", "blocks.0.")):
             assert torch.equal(after[key], before[key]), key
     assert not torch.equal(after["blocks.1.mlp.fc1.weight"], before["blocks.1.mlp.fc1.weight"])
-    assert load_checkpoint(run / "last.pt")["config"]["train"]["init"] == str(init)
+    assert load_checkpoint(run / "last.pt").config["train"]["init"] == str(init)
 
 
 def test_a_missing_init_checkpoint_is_one_line_before_anything_is_written(

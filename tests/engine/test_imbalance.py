@@ -185,16 +185,16 @@ def test_imbalance_options_train_resume_exactly_and_pick_the_lowest_loss(tmp_pat
 
     run = tmp_path / "run"
     assert train_stopped_in_epoch_2(monkeypatch, train_dir, run, config, *val) == 130
-    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "last.pt").epoch == 1
     assert train(train_dir, run, None, *val, "--resume") == 0
     for folder in (tmp_path / "reference", run):
         last, best = load_checkpoint(folder / "last.pt"), load_checkpoint(folder / "best.pt")
         rows = list(csv.DictReader((folder / "metrics.csv").open()))
         lowest = min(rows, key=lambda r: float(r["val_loss"]))
-        assert best["epoch"] == int(lowest["epoch"]) == last["training"]["best_epoch"]
-        assert best["metrics"]["val_loss"] == pytest.approx(float(lowest["val_loss"]))
-        assert last["training"]["select"] == "loss"
-        assert last["training"]["best_score"][0] == pytest.approx(-float(lowest["val_loss"]))
-    reference = load_checkpoint(tmp_path / "reference" / "last.pt")["model"]
-    resumed = load_checkpoint(run / "last.pt")["model"]
+        assert best.epoch == int(lowest["epoch"]) == last.training["best_epoch"]
+        assert best.metrics["val_loss"] == pytest.approx(float(lowest["val_loss"]))
+        assert last.training["select"] == "loss"
+        assert last.training["best_score"][0] == pytest.approx(-float(lowest["val_loss"]))
+    reference = load_checkpoint(tmp_path / "reference" / "last.pt").weights
+    resumed = load_checkpoint(run / "last.pt").weights
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)

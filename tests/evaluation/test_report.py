@@ -233,7 +233,7 @@ def test_training_run_writes_its_report(trained_run):
     assert page.column("epochs-table", "epoch") == ["1", "2"]
     # best.pt on the validation scans: the numbers its epoch logged in metrics.csv
     _, rows = read_csv(trained_run / "metrics.csv")
-    best = rows[load_checkpoint(trained_run / "best.pt")["epoch"] - 1]
+    best = rows[load_checkpoint(trained_run / "best.pt").epoch - 1]
     shown = {a["data-key"]: json.loads(a["data-value"]) for _, a in cells(page, "metrics-table")}
     for key in ("accuracy", "balanced_accuracy", "auroc", "loss"):
         assert shown[key] == pytest.approx(float(best[f"val_{key}"]), abs=1e-5), key

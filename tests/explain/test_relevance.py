@@ -23,6 +23,7 @@ from volumetric.errors import VolumetricError
 from volumetric.explain.relevance import to_input_grid, token_shares
 from volumetric.explain.save import map_names, scan_name
 from volumetric.inference import Predictor, predict_to_csv
+from volumetric.models.registry import build_model
 from volumetric.models.vit3d import VolumeTransformer
 from volumetric.transforms import build_preprocessing
 from volumetric.transforms.foreground_zscore import zscore_foreground
@@ -340,8 +341,18 @@ def test_map_names_are_unique():
 def test_maps_need_the_token_model(tmp_path):
     """A checkpoint whose model has no tokens (e.g. the CNN baseline) cannot give maps: a user error."""
     torch.manual_seed(0)
-    predictor = Predictor(save(tmp_path / "c.pt", VolumeTransformer(**MODEL_ARGS), NATIVE))
-    predictor.loaded.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    args = {"num_classes": 2, "in_channels": 1}
+    path = tmp_path / "c.pt"
+    save_checkpoint(
+        path,
+        model=build_model("densenet121", args),
+        model_args=args,
+        arch="densenet121",
+        class_names=["healthy", "lesion"],
+        preprocessing=NATIVE,
+        config={},
+    )
+    predictor = Predictor(path)
     scan = write_nifti(tmp_path / "s.nii.gz", np.ones((8, 8, 8)), np.eye(4))
     with pytest.raises(VolumetricError, match="relevance maps need a vit3d checkpoint"):
         predict_to_csv(

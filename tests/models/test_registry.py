@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, read_csv, train, write_config
 
-from volumetric.checkpoint import load_checkpoint, model_from_checkpoint
+from volumetric.checkpoint import load_checkpoint
 from volumetric.cli import infer_main
 from volumetric.config import Config, load_config
 from volumetric.errors import VolumetricError
@@ -48,9 +48,9 @@ def test_densenet_trains_and_infers_from_the_cli(tiny_dataset_shared, tmp_path):
     run = tmp_path / "run"
     assert train(tiny_dataset_shared, run, write_config(tmp_path / "dense.yaml", config)) == 0
     state = load_checkpoint(run / "last.pt")
-    assert state["arch"] == "densenet121"
-    assert state["model_args"] == {"num_classes": 2, "in_channels": 1, "dropout": 0.0}
-    assert not isinstance(model_from_checkpoint(state), VolumeTransformer)
+    assert state.arch == "densenet121"
+    assert state.model_args == {"num_classes": 2, "in_channels": 1, "dropout": 0.0}
+    assert not isinstance(state.build_model(), VolumeTransformer)
     scan = sorted((tiny_dataset_shared / "lesion").iterdir())[0]
     assert (
         infer_main(

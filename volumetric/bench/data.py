@@ -6,12 +6,13 @@ On a generated set of CT-like scans it runs, in one go:
    first on an empty cache with loading workers (`parallel_workers`), then again with none;
 2. the same with half the scans on another empty cache, for peak memory against data set size;
 3. the same data through MONAI's PersistentDataset and a plain loop, as the anchor to beat;
-4. inference: ``volumetric-infer`` on the scans against a one-scan-at-a-time `Predictor` loop.
+4. inference: `predict_to_csv` (what ``volumetric-infer`` runs) on the scans against a
+   one-scan-at-a-time `Predictor` loop.
 
-What the engine does not report is measured from outside, without hooks in train.py: the
-training DataLoader is wrapped (by replacing ``set_up`` as train.py sees it) in `TimedLoader`,
-which times every ``next()``; a `MemorySampler` thread adds up the private memory (USS) of this
-process and its DataLoader workers. USS rather than RSS: pages of a memory-mapped cache file,
+What the engine does not report is measured from outside: the training DataLoader is wrapped,
+through `train`'s ``loader_hook``, in `TimedLoader`, which times every ``next()``; a
+`MemorySampler` thread adds up the private memory (USS) of this process and its DataLoader
+workers. USS rather than RSS: pages of a memory-mapped cache file,
 shared by the workers and the page cache, would otherwise be counted once per process.
 """
 
@@ -26,7 +27,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -239,29 +239,20 @@ class TimedLoader:
         record["loop"] = time.perf_counter() - record["started"]
 
 
-@contextmanager
-def instrumented(memory: MemorySampler) -> Iterator[list[dict[str, float]]]:
-    """While active, `train` wraps its training loader in a `TimedLoader` and names the memory
-    phases (preflight, epoch1, ...); yields the list of per-epoch records. train.py imported
-    ``set_up`` by name, so its own reference is the one replaced."""
-    import volumetric.engine.train as engine
-
-    original, epochs = engine.set_up, []
+def instrumented(memory: MemorySampler) -> tuple[Callable, list[dict[str, float]]]:
+    """A ``loader_hook`` for `train` that wraps the training loader in a `TimedLoader` naming the
+    memory phases (epoch1, ...), and the list its per-epoch records go to. The phase before the
+    first batch, set here, is the pre-flight."""
+    epochs: list[dict[str, float]] = []
+    memory.phase = "preflight"
 
     def phase(epoch: int) -> None:
         memory.phase = f"epoch{epoch}"
 
-    def set_up(*args, **kwargs):
-        memory.phase = "preflight"
-        run = original(*args, **kwargs)
-        run.train_loader = TimedLoader(run.train_loader, epochs, phase)
-        return run
+    def hook(loader):
+        return TimedLoader(loader, epochs, phase)
 
-    engine.set_up = set_up
-    try:
-        yield epochs
-    finally:
-        engine.set_up = original
+    return hook, epochs
 
 
 # --------------------------------------------------------------------------------------- runs
@@ -307,13 +298,14 @@ def train_run(settings, train_items, val_items, out: Path, cache: Path, workers)
     from volumetric.engine.train import train
 
     config = bench_config(settings, workers)
-    with MemorySampler(settings.sample_every_s) as memory, instrumented(memory) as epochs:
+    with MemorySampler(settings.sample_every_s) as memory:
+        hook, epochs = instrumented(memory)
         started = time.perf_counter()
         entries = [
             [Entry(ScanSource.of(path), label) for path, label in items]
             for items in (train_items, val_items)
         ]
-        train(config, *entries, out, progress=False, cache_dir=cache)
+        train(config, *entries, out, progress=False, cache_dir=cache, loader_hook=hook)
     gc.collect()  # the run's persistent DataLoader workers exit now, not in the next run's samples
     with (out / "metrics.csv").open(newline="") as handle:
         seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]  # one per epoch
@@ -392,17 +384,18 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def inference_run(checkpoint: Path, scans: list[Path], device: str, out: Path) -> dict[str, float]:
-    """Scans per second of ``volumetric-infer`` (in this process, its defaults) and of a plain
-    loop calling a `Predictor` once per scan; both include loading the checkpoint."""
-    from volumetric.cli import infer_main
-    from volumetric.inference import Predictor
+    """Scans per second of `predict_to_csv` (what ``volumetric-infer`` runs, with its defaults)
+    and of a plain loop calling a `Predictor` once per scan; both include loading the checkpoint."""
+    from volumetric.data.discovery import inference_inputs
+    from volumetric.inference import Predictor, predict_to_csv
 
     start = time.perf_counter()
-    argv = [str(checkpoint), *map(str, scans), "--output", str(out), "--no-progress"]
-    status = infer_main([*argv, "--device", device])
+    predictor = Predictor(checkpoint, device=device)
+    results = predict_to_csv(predictor, inference_inputs(scans), out, progress=False)
     cli_s = time.perf_counter() - start
-    if status != 0:
-        raise VolumetricError(f"volumetric-infer failed on the benchmark scans (status {status})")
+    failed = [r for r in results if isinstance(r, str)]
+    if failed:
+        raise VolumetricError(f"inference failed on a benchmark scan: {failed[0]}")
     start = time.perf_counter()
     predictor = Predictor(checkpoint, device=device)
     for scan in scans:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from volumetric.checkpoint import Checkpoint
 from volumetric.errors import VolumetricError
-from volumetric.models.registry import HEADS
+from volumetric.models.registry import architecture
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +27,22 @@ def load_initial_weights(
     model: nn.Module,
     arch: str,
     class_names: list[str],
-    checkpoint: dict[str, Any],
+    checkpoint: Checkpoint,
     init: str | Path,
 ) -> None:
     """Copy the weights of ``checkpoint`` (loaded from ``init`` by `load_checkpoint`) into
     ``model`` (an ``arch`` for ``class_names``); a VolumetricError when the architectures differ
     in anything but the head."""
-    if checkpoint["arch"] != arch:
+    if checkpoint.arch != arch:
         raise VolumetricError(
-            f"{init}: --init checkpoint is a {checkpoint['arch']} model, this run trains {arch}"
+            f"{init}: --init checkpoint is a {checkpoint.arch} model, this run trains {arch}"
         )
-    new_head = list(checkpoint["class_names"]) != list(class_names)
-    source, target = checkpoint["model"], model.state_dict()
+    new_head = checkpoint.class_names != list(class_names)
+    source, target = checkpoint.weights, model.state_dict()
+    head = architecture(arch).head_prefix
     copied = {}
     for key, value in target.items():
-        if key not in source or (new_head and key.startswith(HEADS[arch])):
+        if key not in source or (new_head and key.startswith(head)):
             continue
         if source[key].shape != value.shape:
             raise VolumetricError(
@@ -63,7 +64,7 @@ def load_initial_weights(
         log.info(
             "new classification head: classes %s here, %s in %s",
             class_names,
-            checkpoint["class_names"],
+            checkpoint.class_names,
             init,
         )
 

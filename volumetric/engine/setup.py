@@ -44,7 +44,7 @@ from volumetric.engine.finetune import freeze_blocks, load_initial_weights, trai
 from volumetric.engine.schedule import warmup_cosine
 from volumetric.errors import VolumetricError
 from volumetric.layers.patch_embed import as_triple
-from volumetric.models.registry import build_model, model_arguments
+from volumetric.models.registry import architecture, build_model, model_arguments
 from volumetric.transforms import build_augmentation, build_preprocessing
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Run:
     train_set: ScanDataset
     val_set: ScanDataset
     sampler: EpochSampler
-    train_loader: DataLoader
+    train_loader: DataLoader  # (or what train()'s loader_hook wrapped it in)
     val_loader: DataLoader
     model: nn.Module  # what is saved and validated
     train_model: nn.Module  # what the training step calls: the model, or its DDP wrapper
@@ -143,6 +143,7 @@ def set_up(
     seed_everything(config.train.seed)
     data = _data(config, train_pairs, val_pairs, world, device, cache_dir)
     arch = config.model.arch
+    check_training_input(arch, config.train.batch_size, len(data["sampler"]), summary)
     model_args = model_arguments(arch, asdict(config.model), len(class_names))
     model = build_model(arch, model_args)  # the first draw from the seeded global RNG
     if initial is not None:
@@ -173,6 +174,25 @@ def set_up(
         **data,
         **_optimization(model, config, steps_per_epoch, device, dtype),
     )
+
+
+def check_training_input(
+    arch: str, batch_size: int, scans_per_epoch: int, summary: dict[str, Any]
+) -> None:
+    """The architecture's own check of what it trains on (`ArchitectureSpec.check_input`): every
+    batch size an epoch has, and the smallest preprocessed scan of the pre-flight; its ValueError
+    becomes a one-line VolumetricError naming the architecture."""
+    spec = architecture(arch)
+    shape = (summary.get("preprocessed_shape") or {}).get("min")
+    if spec.check_input is None or not shape:
+        return
+    sizes = {min(batch_size, scans_per_epoch)}
+    if scans_per_epoch % batch_size:
+        sizes.add(scans_per_epoch % batch_size)  # the epoch's last, partial batch
+    try:
+        spec.check_input(sizes, tuple(shape[-3:]))
+    except ValueError as error:
+        raise VolumetricError(f"model.arch={arch}: {error}") from None
 
 
 def balanced_class_weights(labels: list[int], num_classes: int) -> torch.Tensor:

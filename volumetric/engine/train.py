@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from volumetric.atomic_files import atomic_write_csv, atomic_write_text
@@ -116,12 +118,15 @@ def train(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     report: ReportOptions | None = None,
+    loader_hook: Callable[[DataLoader], Iterable] | None = None,
 ) -> TrainResult:
-    """Train a classifier (config.model.arch) on (path, class name) items; writes checkpoints and
+    """Train a classifier (config.model.arch) on labelled `Entry` items; writes checkpoints and
     logs to output_dir. Without ``val_items`` a stratified split of the training items validates.
     ``cache_dir``: where ``train.cache: disk`` keeps preprocessed volumes (default: see
     volumetric/data/cache.py). ``report``: at the end, rank 0 writes report.html of best.pt on the
-    validation scans (volumetric/evaluation/report.py)."""
+    validation scans (volumetric/evaluation/report.py). ``loader_hook``: called once with the
+    training DataLoader when the run is set up; the training loop iterates over what it returns
+    (e.g. a wrapper that times each batch, as the data benchmark does)."""
     with distributed_session(config.train.device) as (world, device):
         run = set_up(
             config,
@@ -133,6 +138,8 @@ def train(
             resume=resume,
             cache_dir=Path(cache_dir) if cache_dir else None,
         )
+        if loader_hook is not None:
+            run.train_loader = loader_hook(run.train_loader)
         state = restore(run) if resume else RunState(world_size=world.size)
         distribute(run)
         if world.is_main:
@@ -201,22 +208,22 @@ def restore(run: Run) -> RunState:
     """Weights, optimizer, schedule and run state from last.pt of the run being resumed."""
     saved = load_checkpoint(run.last_path, map_location=run.device)
     if (
-        saved["class_names"] != run.class_names
-        or saved["arch"] != run.arch
-        or saved["model_args"] != run.model_args
+        saved.class_names != run.class_names
+        or saved.arch != run.arch
+        or saved.model_args != run.model_args
     ):
         raise VolumetricError(
             f"{run.last_path}: the run was started with other classes or model settings"
         )
-    if "training" not in saved:
+    training = saved.training
+    if training is None:
         raise VolumetricError(f"{run.last_path}: holds no training state to resume from")
-    training = saved["training"]
-    run.model.load_state_dict(saved["model"])
+    run.model.load_state_dict(saved.weights)
     run.optimizer.load_state_dict(training["optimizer"])
     run.scheduler.load_state_dict(training["scheduler"])
     run.scaler.load_state_dict(training["scaler"])
     state = RunState(
-        epoch=saved["epoch"],
+        epoch=saved.epoch,
         step=training["step"],
         history=training["history"],
         best_score=training["best_score"],

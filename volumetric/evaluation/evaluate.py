@@ -179,7 +179,7 @@ def evaluate_checkpoint(
 def warn_of_training_groups(checkpoint: Path, entries: list[Entry], shown: int = 3) -> int:
     """Log one warning when scans of ``entries`` belong to groups the checkpoint's training split
     held (its salted group hashes, volumetric/data/split.py); the number of such scans."""
-    record = load_checkpoint(checkpoint).get("training_groups")
+    record = load_checkpoint(checkpoint).training_groups
     if record is None:
         log.info(
             "%s records no training groups: no check for patients seen in training", checkpoint

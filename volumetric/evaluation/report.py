@@ -31,7 +31,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from volumetric import __version__
 from volumetric.atomic_files import atomic_write_text
 from volumetric.errors import VolumetricError
 from volumetric.evaluation.report_html import (
@@ -49,7 +48,7 @@ from volumetric.evaluation.report_html import (
 )
 from volumetric.explain.montage import montage_figure
 from volumetric.inference import SCAN_FAILURES, LoadedModel, Predictor, as_image, failure_message
-from volumetric.models.vit3d import VolumeTransformer
+from volumetric.version import __version__
 
 if TYPE_CHECKING:
     from volumetric.evaluation.evaluate import Evaluation
@@ -413,7 +412,7 @@ def gather_cases(evaluation: Evaluation, options: ReportOptions, *, progress: bo
 
 def has_maps(loaded: LoadedModel) -> bool:
     """Relevance maps need the token model (`volumetric.explain`)."""
-    return isinstance(loaded.model, VolumeTransformer)
+    return loaded.spec.tokens
 
 
 def case_images(
