@@ -15,11 +15,11 @@ from volumetric.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.data.dataset import preprocess_scan, read_scan
 from volumetric.errors import VolumetricError
 from volumetric.export import export_model
-from volumetric.layers.attention import (
-    seqnorm_attention,
+from volumetric.layers.attention_functional import (
     seqnorm_attention_plain,
     seqnorm_attention_reference,
 )
+from volumetric.layers.seqnorm_kernel import seqnorm_attention
 from volumetric.models.vit3d import VolumeTransformer
 from volumetric.transforms import build_preprocessing
 

@@ -9,7 +9,7 @@ The method is explained in docs/method.md.
 """
 
 from volumetric.errors import ConfigError, VolumetricError
-from volumetric.layers.attention import seqnorm_attention
+from volumetric.layers.seqnorm_kernel import seqnorm_attention
 from volumetric.models.vit3d import VolumeTransformer
 from volumetric.version import __version__
 

@@ -7,7 +7,7 @@ forward dispatches, and no elementwise op (LayerNorm, GELU, the softmax, the seq
 analytic counts leave out the same elementwise work. What FlopCounterMode counts and the analytic
 count leaves out, each bracketed below:
 
-- the seq-norm statistics: `_moments` (volumetric/layers/attention.py) takes the per-feature
+- the seq-norm statistics: `_moments` (volumetric/layers/seqnorm_kernel.py) takes the per-feature
   variance of Q and of K from the diagonal of the Gram matrix xᵀx, one (d × N)·(N × d) matmul each:
   2·2·N·d² per head, as many FLOPs as the attention's own two matmuls. Counted separately below
   (``gram``), so that the tolerance left over stays small;
@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from volumetric.bench.cases import attention_flops, model_flops
-from volumetric.layers.attention import seqnorm_attention
+from volumetric.layers.seqnorm_kernel import seqnorm_attention
 from volumetric.models.vit3d import VolumeTransformer
 
 SMALL = 0.002

@@ -11,18 +11,19 @@ import torch
 
 from volumetric.layers.attention import (
     ATTENTION,
+    V_SCALE_INIT,
+    build_attention,
+    supports_affine,
+)
+from volumetric.layers.attention_functional import (
     EPS,
     SIMA_EPS,
-    V_SCALE_INIT,
-    _SeqNormAttentionFn,
     affine_shapes,
-    build_attention,
-    seqnorm_attention,
     seqnorm_attention_plain,
     seqnorm_attention_reference,
     sima_attention,
-    supports_affine,
 )
+from volumetric.layers.seqnorm_kernel import _SeqNormAttentionFn, seqnorm_attention
 
 VARIANTS = ["seqnorm", "seqnorm_qk", "seqnorm+affine", "seqnorm_qk+affine", "sima"]
 SEQNORM_VARIANTS = [v for v in VARIANTS if v != "sima"]

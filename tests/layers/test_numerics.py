@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from volumetric.layers.attention import ATTENTION, seqnorm_attention, sima_attention
+from volumetric.layers.attention import ATTENTION
+from volumetric.layers.attention_functional import sima_attention
+from volumetric.layers.seqnorm_kernel import seqnorm_attention
 from volumetric.models.vit3d import VolumeTransformer
 
 FUNCTIONS = {

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from volumetric.layers.attention import (
-    seqnorm_attention,
+from volumetric.layers.attention_functional import (
     seqnorm_attention_reference,
     sima_attention,
     softmax_attention,
     softmax_attention_explicit,
 )
+from volumetric.layers.seqnorm_kernel import seqnorm_attention
 from volumetric.models.vit3d import VolumeTransformer
 
 
