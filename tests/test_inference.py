@@ -14,7 +14,7 @@ import torchio as tio
 
 from volumetric import LoadedModel, Predictor, VolumeTransformer, load_model
 from volumetric.errors import VolumetricError
-from volumetric.inference import predict_to_csv
+from volumetric.inference import PredictionError, predict_to_csv
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoint_v1"
 CHECKPOINT, SCAN = FIXTURES / "best.pt", FIXTURES / "lesion.nii.gz"
@@ -71,7 +71,8 @@ def test_csv_gets_an_error_row_and_the_others_keep_theirs(loaded, tmp_path):
     broken.write_text("not a scan")
     output = tmp_path / "p.csv"
     results = predict_to_csv(Predictor(loaded), [SCAN, broken], output, progress=False)
-    assert isinstance(results[1], str) and "cannot read scan" in results[1]
+    assert isinstance(results[1], PredictionError) and "cannot read scan" in results[1].reason
+    assert results[1].source == str(broken)
     with output.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["path"] for r in rows] == [str(SCAN), str(broken)]

@@ -108,8 +108,10 @@ def _run(
     body: Callable,
     allow_overrides: bool = False,
 ) -> int:
-    """Parse, set up logging, call ``body(args, overrides)``; a VolumetricError or ValueError becomes one
-    line and status 2 (`--debug` shows the traceback)."""
+    """Parse, set up logging, call ``body(args, overrides)``. A VolumetricError (the user's input:
+    the library turns every check of a user's value into one, a ConfigError for config values)
+    becomes one line and status 2; any other exception, a ValueError included, is a bug: one line
+    that says so and status 70. `--debug` shows the traceback of either."""
     if allow_overrides:
         args, rest = parser.parse_known_args(argv)
         overrides = [
@@ -286,16 +288,20 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.data.loading import LoadingOptions
     from volumetric.evaluation.evaluate import evaluate_checkpoint
 
+    loading = LoadingOptions(
+        cache_dir=args.cache_dir,
+        num_workers=_workers(args.num_workers),
+        progress=not args.no_progress,
+    )
     metrics = evaluate_checkpoint(
         args.checkpoint,
         args.data,
         args.output_dir,
         device=args.device or "auto",
-        progress=not args.no_progress,
-        cache_dir=args.cache_dir,
-        num_workers=_workers(args.num_workers),
+        loading=loading,
         report=_report(args),
     )
 
@@ -368,7 +374,7 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
 
 def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
     from volumetric.data.discovery import inference_inputs
-    from volumetric.inference import Predictor, predict_to_csv
+    from volumetric.inference import PredictionError, Predictor, predict_to_csv
 
     if args.tta < 0:
         raise VolumetricError(
@@ -396,7 +402,7 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
         maps=maps,
         num_workers=_workers(args.num_workers),
     )
-    failed = sum(1 for p in predictions if isinstance(p, str))
+    failed = sum(1 for p in predictions if isinstance(p, PredictionError))
     print(
         f"wrote {len(predictions)} rows to {args.output} ({failed} failed)"
         + (f"; relevance maps in {maps}" if maps else "")

@@ -134,6 +134,15 @@ class Prediction:
         return self.class_names[predicted_class(self.probs)]
 
 
+@dataclass(frozen=True)
+class PredictionError:
+    """A scan, or an input that gave none, without a prediction: its name and the reason, which
+    its CSV row's error column holds (a VolumetricError's message names the scan already)."""
+
+    source: str
+    reason: str
+
+
 def as_image(scan: Scan, affine: np.ndarray | None = None) -> tuple[tio.ScalarImage, str]:
     """The scan as a checked, loaded TorchIO image, and a name for messages and CSV rows."""
     if isinstance(scan, (str, Path, ScanSource)):
@@ -339,9 +348,9 @@ def predict_to_csv(
     maps: Path | None = None,
     num_workers: int | str = "auto",
     batch_size: int = 8,
-) -> list[Prediction | str]:
+) -> list[Prediction | PredictionError]:
     """Classify every scan and write the CSV atomically; returns, per scan, its Prediction or
-    its error message. ``scans`` as `inference_inputs` gives them: an `Unusable` input (one that
+    its PredictionError. ``scans`` as `inference_inputs` gives them: an `Unusable` input (one that
     gave no scan) gets the row of a failed scan, with its error, in its place.
 
     ``num_workers`` processes read and preprocess scans ahead of the model, and consecutive scans
@@ -355,12 +364,12 @@ def predict_to_csv(
     dataset = _Prepared(scans, loaded.preprocessing, loaded.in_channels)
     workers = resolve_workers(num_workers)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is)
-    results: list[Prediction | str] = [""] * len(scans)
+    results: list[Prediction | PredictionError] = [PredictionError("", "")] * len(scans)
     pending: list[tuple[int, tio.Subject, str]] = []  # consecutive scans of one shape
     for item in tqdm(loader, total=len(scans), desc="infer", disable=not progress):
         index = item["index"]
         if item["error"]:
-            results[index] = item["error"]
+            results[index] = PredictionError(str(_source(scans[index])), item["error"])
             continue
         subject = tio.Subject(image=tio.ScalarImage(tensor=item["data"], affine=item["affine"]))
         if pending and (len(pending) == batch_size or _shape(pending[-1][1]) != _shape(subject)):
@@ -378,7 +387,7 @@ def _shape(subject: tio.Subject) -> tuple[int, ...]:
 def _classify(
     predictor: Predictor,
     pending: list[tuple[int, tio.Subject, str]],
-    results: list[Prediction | str],
+    results: list[Prediction | PredictionError],
 ) -> None:
     """Classify the pending scans into ``results``, then empty ``pending``. A failing batch is
     retried scan by scan, so that one scan's failure (e.g. out of memory) is that scan's alone."""
@@ -392,7 +401,7 @@ def _classify(
                 _classify(predictor, [one], results)
         else:
             index, _, source = pending[0]
-            results[index] = failure_message(source, error)
+            results[index] = PredictionError(source, failure_message(source, error))
     else:
         for (index, _, _), prediction in zip(pending, predictions):
             results[index] = prediction
@@ -405,18 +414,22 @@ def _predict_with_maps(
     output: Path,
     maps: Path,
     progress: bool,
-) -> list[Prediction | str]:
+) -> list[Prediction | PredictionError]:
     """One scan at a time: the relevance map needs the scan as read, beside its prediction."""
     predictor.check_explainable()
     usable = [i for i, scan in enumerate(scans) if not isinstance(scan, Unusable)]
     names = dict(zip(usable, map_names([scans[i] for i in usable])))  # index → map name
-    results: list[Prediction | str] = []
+    results: list[Prediction | PredictionError] = []
     for index, scan in enumerate(tqdm(scans, desc="infer", disable=not progress)):
         try:
             unusable = isinstance(scan, Unusable)
-            result: Prediction | str = scan.error if unusable else predictor(scan, explain=True)
+            result: Prediction | PredictionError = (
+                PredictionError(str(scan.source), scan.error)
+                if unusable
+                else predictor(scan, explain=True)
+            )
         except SCAN_FAILURES as error:
-            result = failure_message(scan, error)
+            result = PredictionError(str(scan), failure_message(scan, error))
         if isinstance(result, Prediction):
             _save_map(predictor, result, maps, names[index])
         results.append(result)
@@ -432,14 +445,14 @@ def _source(scan: ScanSource | Unusable | str | Path) -> ScanSource | str | Path
 def _write_csv(
     predictor: Predictor,
     scans: list[ScanSource | Unusable],
-    results: list[Prediction | str],
+    results: list[Prediction | PredictionError],
     output: Path,
 ) -> None:
     rows = []
     for scan, result in zip(map(_source, scans), results):
-        if isinstance(result, str):
-            log.error("%s", result)
-            rows.append(predictor.table.row(scan, error=result))
+        if isinstance(result, PredictionError):
+            log.error("%s", result.reason)
+            rows.append(predictor.table.row(scan, error=result.reason))
         else:
             rows.append(predictor.table.row(scan, result.probs, probs_std=result.probs_std))
     atomic_write_csv(output, predictor.table.header(), rows)

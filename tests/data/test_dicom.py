@@ -25,6 +25,7 @@ from volumetric.cli import infer_main
 from volumetric.data.cache import DiskCache, scan_files
 from volumetric.data.dataset import read_scan
 from volumetric.data.discovery import find_scans, inference_inputs
+from volumetric.data.loading import LoadingOptions
 from volumetric.data.source import ImageRef, ScanSource
 from volumetric.errors import VolumetricError
 from volumetric.evaluation.evaluate import evaluate_checkpoint
@@ -346,7 +347,7 @@ def test_evaluation_rows_name_the_series(tmp_path):
         tmp_path / "data",
         out,
         device="cpu",
-        progress=False,
+        loading=LoadingOptions(progress=False),
         bootstrap_resamples=20,
         cache="none",
         num_workers=0,

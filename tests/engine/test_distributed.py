@@ -17,6 +17,7 @@ from conftest import make_tiny_dataset
 
 from volumetric.checkpoint import load_checkpoint
 from volumetric.cli import infer_main, train_main
+from volumetric.data.loading import LoadingOptions
 from volumetric.data.sampler import EpochSampler, strided_shard
 from volumetric.engine.distributed import (
     all_gather,
@@ -238,7 +239,11 @@ def test_validation_covers_the_whole_set_once(ddp_run, data, tmp_path):
     on the validation folder with the weights saved after epoch 2: a scan counted twice, or missed, would show."""
     run, _ = ddp_run
     metrics = evaluate_checkpoint(
-        run / "last.pt", data["val"], tmp_path / "eval", device="cpu", progress=False
+        run / "last.pt",
+        data["val"],
+        tmp_path / "eval",
+        device="cpu",
+        loading=LoadingOptions(progress=False),
     )
     assert metrics["num_scans"] == 5
     last = metric_rows(run)[-1]

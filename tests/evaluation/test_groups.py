@@ -22,6 +22,7 @@ from conftest import (
     write_config,
 )
 
+from volumetric.data.loading import LoadingOptions
 from volumetric.evaluation.evaluate import evaluate_checkpoint
 from volumetric.evaluation.metrics import bootstrap_auroc, evaluation_report
 
@@ -141,7 +142,7 @@ def evaluate(run: Path, rows, tmp_path: Path, caplog) -> tuple[dict, list[str]]:
             manifest,
             tmp_path / "eval",
             device="cpu",
-            progress=False,
+            loading=LoadingOptions(progress=False),
             bootstrap_resamples=50,
             num_workers=0,
         )

@@ -387,15 +387,15 @@ def inference_run(checkpoint: Path, scans: list[Path], device: str, out: Path) -
     """Scans per second of `predict_to_csv` (what ``volumetric-infer`` runs, with its defaults)
     and of a plain loop calling a `Predictor` once per scan; both include loading the checkpoint."""
     from volumetric.data.discovery import inference_inputs
-    from volumetric.inference import Predictor, predict_to_csv
+    from volumetric.inference import PredictionError, Predictor, predict_to_csv
 
     start = time.perf_counter()
     predictor = Predictor(checkpoint, device=device)
     results = predict_to_csv(predictor, inference_inputs(scans), out, progress=False)
     cli_s = time.perf_counter() - start
-    failed = [r for r in results if isinstance(r, str)]
+    failed = [r for r in results if isinstance(r, PredictionError)]
     if failed:
-        raise VolumetricError(f"inference failed on a benchmark scan: {failed[0]}")
+        raise VolumetricError(f"inference failed on a benchmark scan: {failed[0].reason}")
     start = time.perf_counter()
     predictor = Predictor(checkpoint, device=device)
     for scan in scans:

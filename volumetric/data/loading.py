@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import default_collate
@@ -17,6 +19,22 @@ from torch.utils.data import default_collate
 from volumetric.errors import VolumetricError
 
 MAX_AUTO_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class LoadingOptions:
+    """How the scans of an evaluation or inference are read and shown: ``cache`` (disk, memory
+    or none; volumetric/data/cache.py) in ``cache_dir`` (None: the default place),
+    ``num_workers`` loading processes (auto or a count, see `resolve_workers`) and progress bars.
+    Training takes the first three from its config (train.cache, train.num_workers)."""
+
+    cache: str = "disk"
+    cache_dir: str | Path | None = None
+    num_workers: int | str = "auto"
+    progress: bool = True
+
+
+DEFAULT_LOADING = LoadingOptions()
 
 
 def available_cpus() -> int:

@@ -243,7 +243,7 @@ def split_data(
     list[tuple[ScanSource, int]],
     list[tuple[Entry, str]],
 ]:
-    """Class names (sorted), training and validation (path, class index) pairs, and the split as
+    """Class names (sorted), training and validation (scan source, class index) pairs, and the split as
     (entry, role "train" or "validation") rows for split.csv. Without ``val_items``, a seeded
     stratified split of the training items that keeps each group whole (volumetric/data/split.py)."""
     t = config.train
@@ -308,11 +308,11 @@ def training_group_hashes(split: list[tuple[Entry, str]]) -> dict[str, Any] | No
 def screen_data(
     config: Config,
     class_names: list[str],
-    train_pairs: list[tuple[Path, int]],
-    val_pairs: list[tuple[Path, int]],
+    train_pairs: list[tuple[ScanSource, int]],
+    val_pairs: list[tuple[ScanSource, int]],
     world: World,
     cache_dir: Path | None,
-) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], dict[str, Any]]:
+) -> tuple[list[tuple[ScanSource, int]], list[tuple[ScanSource, int]], dict[str, Any]]:
     """Pre-flight over every training and validation scan before the first step (each process
     checks its share); with ``data.on_bad_scan: skip`` the bad ones are left out, and a class
     left without training scans is an error."""
@@ -345,7 +345,7 @@ def screen_data(
 
 def _dataset(
     config: Config,
-    pairs: list[tuple[Path, int]],
+    pairs: list[tuple[ScanSource, int]],
     cache_dir: Path | None,
     augment: tio.Transform | None = None,
 ) -> ScanDataset:
@@ -360,8 +360,8 @@ def _dataset(
 
 def _data(
     config: Config,
-    train_pairs: list[tuple[Path, int]],
-    val_pairs: list[tuple[Path, int]],
+    train_pairs: list[tuple[ScanSource, int]],
+    val_pairs: list[tuple[ScanSource, int]],
     world: World,
     device: torch.device,
     cache_dir: Path | None,

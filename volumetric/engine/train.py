@@ -39,7 +39,7 @@ from tqdm import tqdm
 from volumetric.atomic_files import atomic_write_csv, atomic_write_text
 from volumetric.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.config import Config, save_config
-from volumetric.data.loading import batches
+from volumetric.data.loading import LoadingOptions, batches
 from volumetric.data.source import Entry
 from volumetric.engine.distributed import (
     World,
@@ -561,13 +561,6 @@ def write_run_report(
     source = source or f"a stratified {fraction:g} of the training data (train.val_fraction)"
     select = getattr(run.config.train, "select", "balanced_accuracy")
     training = TrainingRecord(state.history, state.best_epoch, run.output_dir, source, select)
-    report_after_training(
-        loaded,
-        run.val_set.items,
-        training,
-        options,
-        progress=progress,
-        cache=run.config.train.cache,
-        cache_dir=cache_dir,
-        num_workers=run.config.train.num_workers,
-    )
+    t = run.config.train
+    loading = LoadingOptions(t.cache, cache_dir, t.num_workers, progress)
+    report_after_training(loaded, run.val_set.items, training, options, loading=loading)

@@ -18,7 +18,12 @@ from volumetric.checkpoint import load_checkpoint
 from volumetric.data.cache import disk_cache_for
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices, discover
-from volumetric.data.loading import loader_options, resolve_workers
+from volumetric.data.loading import (
+    DEFAULT_LOADING,
+    LoadingOptions,
+    loader_options,
+    resolve_workers,
+)
 from volumetric.data.source import Entry
 from volumetric.data.split import hashed_in
 from volumetric.evaluation.metrics import evaluation_report, roc_curves
@@ -54,24 +59,22 @@ def evaluate_items(
     loaded: LoadedModel,
     pairs: list[tuple[Any, int]],
     *,
-    progress: bool = True,
+    loading: LoadingOptions = DEFAULT_LOADING,
     bootstrap_resamples: int = 1000,
     seed: int = 0,
-    cache: str = "disk",
-    cache_dir: str | Path | None = None,
-    num_workers: int | str = "auto",
     groups: list[str | None] | None = None,
 ) -> Evaluation:
     """Predict every (scan, class index) pair with ``loaded`` and compute the metrics; ``groups``
     (one per pair, None: none) make the AUROC bootstrap draw groups rather than scans."""
-    disk = disk_cache_for(cache, cache_dir, loaded.settings, loaded.in_channels)
+    cache = loading.cache
+    disk = disk_cache_for(cache, loading.cache_dir, loaded.settings, loaded.in_channels)
     dataset = ScanDataset(
         pairs, loaded.preprocessing, cache=cache, disk_cache=disk, in_channels=loaded.in_channels
     )
     same_shape = loaded.settings.get("target_shape") is not None
-    options = loader_options(resolve_workers(num_workers), loaded.device.type == "cuda")
+    options = loader_options(resolve_workers(loading.num_workers), loaded.device.type == "cuda")
     loader = DataLoader(dataset, batch_size=EVAL_BATCH if same_shape else 1, **options)
-    result = predict(loaded.model, loader, loaded.device, loaded.dtype, progress=progress)
+    result = predict(loaded.model, loader, loaded.device, loaded.dtype, progress=loading.progress)
     metrics = evaluation_report(
         result.probs,
         result.labels,
@@ -111,20 +114,17 @@ def evaluate_checkpoint(
     *,
     device: str = "auto",
     precision: str = "auto",
-    progress: bool = True,
+    loading: LoadingOptions = DEFAULT_LOADING,
     bootstrap_resamples: int = 1000,
     seed: int = 0,
-    cache: str = "disk",
-    cache_dir: str | Path | None = None,
-    num_workers: int | str = "auto",
     report: ReportOptions | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on a labelled data set (see ``evaluation_report``).
 
     Writes to output_dir: metrics.json, predictions.csv, confusion_matrix.png, roc.png and, with
     ``report``, report.html (volumetric/evaluation/report.py). The AUROC confidence interval is a
-    ``bootstrap_resamples``-fold bootstrap seeded with ``seed``. Scans are read by
-    ``num_workers`` processes and, with ``cache="disk"``, preprocessed once into the disk cache
+    ``bootstrap_resamples``-fold bootstrap seeded with ``seed``. Scans are read as ``loading``
+    says: by its worker processes and, with its disk cache, preprocessed once into the cache
     (volumetric/data/cache.py), which training of the same preprocessing shares.
 
     When the data names groups (a manifest's ``group`` column): the bootstrap draws groups,
@@ -141,12 +141,9 @@ def evaluate_checkpoint(
     evaluation = evaluate_items(
         loaded,
         pairs,
-        progress=progress,
+        loading=loading,
         bootstrap_resamples=bootstrap_resamples,
         seed=seed,
-        cache=cache,
-        cache_dir=cache_dir,
-        num_workers=num_workers,
         groups=groups,
     )
     metrics, result = evaluation.metrics, evaluation.predictions
@@ -171,7 +168,12 @@ def evaluate_checkpoint(
     atomic_write_csv(output_dir / "predictions.csv", header, rows)
     if report is not None:
         write_report(
-            output_dir / REPORT_NAME, evaluation, plots, report, source=str(data), progress=progress
+            output_dir / REPORT_NAME,
+            evaluation,
+            plots,
+            report,
+            source=str(data),
+            progress=loading.progress,
         )
     return metrics
 
@@ -208,10 +210,7 @@ def report_after_training(
     training: TrainingRecord,
     options: ReportOptions,
     *,
-    progress: bool = True,
-    cache: str = "disk",
-    cache_dir: str | Path | None = None,
-    num_workers: int | str = "auto",
+    loading: LoadingOptions = DEFAULT_LOADING,
 ) -> Path | None:
     """report.html in the run folder: ``loaded`` (best.pt) on the validation scans, as
     `evaluate_checkpoint` would report it, plus the training curves. None without validation
@@ -219,19 +218,18 @@ def report_after_training(
     if not val_pairs:
         log.info("no validation scans: no %s", REPORT_NAME)
         return None
-    evaluation = evaluate_items(
-        loaded,
-        val_pairs,
-        progress=progress,
-        cache=cache,
-        cache_dir=cache_dir,
-        num_workers=num_workers,
-    )
+    evaluation = evaluate_items(loaded, val_pairs, loading=loading)
     path = training.run_dir / REPORT_NAME
     with tempfile.TemporaryDirectory(prefix="volumetric-report-") as folder:
         plots = write_plots(evaluation, Path(folder))
         write_report(
-            path, evaluation, plots, options, source="", training=training, progress=progress
+            path,
+            evaluation,
+            plots,
+            options,
+            source="",
+            training=training,
+            progress=loading.progress,
         )
     log.info("report of best.pt (epoch %d) on the validation scans: %s", training.best_epoch, path)
     return path
