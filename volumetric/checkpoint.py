@@ -35,7 +35,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +48,8 @@ from volumetric.version import __version__
 FORMAT = "volumetric-checkpoint"
 FORMAT_VERSION = 4
 REQUIRED = ("arch", "model_args", "class_names", "preprocessing", "model")
-_V1_TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "step", "history", "best_score")
-_V1_TRAINING_KEYS += ("best_epoch", "partial", "world_size")
+_V1_TRAINING_KEYS: tuple[str, ...] = ("optimizer", "scheduler", "scaler", "step", "history")
+_V1_TRAINING_KEYS += ("best_score", "best_epoch", "partial", "world_size")
 
 
 def save_checkpoint(
@@ -227,7 +227,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         metrics=checkpoint.get("metrics") or {},
         training=checkpoint.get("training"),
         training_groups=checkpoint.get("training_groups"),
-        written_version=written,
+        written_version=cast(int, written),  # a supported version (checked above)
         volumetric_version=checkpoint.get("volumetric_version", ""),
         path=path,
     )

@@ -157,7 +157,7 @@ def _run(
 # ------------------------------------------------------------------------------------------------ train
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
+def train_parser() -> argparse.ArgumentParser:
     parser = _parser(
         "volumetric-train",
         "Train a whole-volume classifier on a folder of class sub-folders or a CSV.",
@@ -204,7 +204,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         parser, cases=0, what="best.pt on the validation scans, with the training curves"
     )
     parser.epilog = "Any config value can be overridden: --train.epochs=5 --model.attention=softmax"
-    return _run(argv, parser, _train, allow_overrides=True)
+    return parser
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, train_parser(), _train, allow_overrides=True)
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -262,7 +266,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate_main(argv: Sequence[str] | None = None) -> int:
+def evaluate_parser() -> argparse.ArgumentParser:
     parser = _parser("volumetric-evaluate", "Metrics of a checkpoint on a labelled data set.")
     parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
     parser.add_argument(
@@ -284,7 +288,11 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="report.html without paths (scans are numbered) and without images of scans",
     )
-    return _run(argv, parser, _evaluate)
+    return parser
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, evaluate_parser(), _evaluate)
 
 
 def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -320,7 +328,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     if metrics["auroc_note"]:
         print(metrics["auroc_note"])
-    names = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png")
+    names: tuple[str, ...] = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png")
     names += ("report.html",) if args.report else ()
     written = [Path(args.output_dir) / name for name in names]
     print(f"wrote {', '.join(map(str, written))}")
@@ -330,7 +338,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
 # ------------------------------------------------------------------------------------------------ infer
 
 
-def infer_main(argv: Sequence[str] | None = None) -> int:
+def infer_parser() -> argparse.ArgumentParser:
     parser = _parser(
         "volumetric-infer", "Classify scans with a trained checkpoint and write a CSV."
     )
@@ -369,7 +377,11 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     )
     _data_options(parser, cache=False)
     parser.epilog = "Exit status: 0 all scans classified, 1 some scans failed (see the error column), 2 user error."
-    return _run(argv, parser, _infer)
+    return parser
+
+
+def infer_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, infer_parser(), _infer)
 
 
 def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -413,7 +425,7 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
 # ------------------------------------------------------------------------------------------------ cache
 
 
-def cache_main(argv: Sequence[str] | None = None) -> int:
+def cache_parser() -> argparse.ArgumentParser:
     parser = _parser("volumetric-cache", "List or free the disk cache of preprocessed volumes.")
     parser.add_argument("action", choices=("info", "clear"))
     parser.add_argument(
@@ -425,7 +437,11 @@ def cache_main(argv: Sequence[str] | None = None) -> int:
         metavar="DAYS",
         help="clear: only entries not used for DAYS days (default: all)",
     )
-    return _run(argv, parser, _cache)
+    return parser
+
+
+def cache_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, cache_parser(), _cache)
 
 
 def _cache(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -443,6 +459,7 @@ def _cache(args: argparse.Namespace, overrides: list[str]) -> int:
     summary = summarize(root)
     print(f"{root}: {summary.entries} entries, {summary.bytes / 2**20:.1f} MiB")
     if summary.entries:
+        assert summary.newest_use is not None and summary.oldest_use is not None  # with entries
         days = [(time.time() - t) / 86400 for t in (summary.newest_use, summary.oldest_use)]
         print(f"last used {days[0]:.1f} to {days[1]:.1f} days ago")
     return 0
@@ -451,7 +468,7 @@ def _cache(args: argparse.Namespace, overrides: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------- export
 
 
-def export_main(argv: Sequence[str] | None = None) -> int:
+def export_parser() -> argparse.ArgumentParser:
     parser = _parser(
         "volumetric-export",
         "Export a checkpoint's model to run outside this package (ONNX, or torch.export .pt2), "
@@ -461,7 +478,11 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=("onnx", "pt2"), required=True, dest="fmt")
     parser.add_argument("--output", required=True, help="the model file: NAME.onnx or NAME.pt2")
     parser.add_argument("--opset", type=int, help="ONNX opset, 18 to 23 (default 20)")
-    return _run(argv, parser, _export)
+    return parser
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, export_parser(), _export)
 
 
 def _export(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -477,7 +498,7 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> int:
 # ------------------------------------------------------------------------------------------------ bench
 
 
-def bench_main(argv: Sequence[str] | None = None) -> int:
+def bench_parser() -> argparse.ArgumentParser:
     parser = _parser(
         "volumetric-bench",
         "Seq-norm vs softmax attention and volumetric vs MONAI ViT, side by side.",
@@ -516,6 +537,11 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="--data: keep the generated scans here and reuse them (default: a temporary folder)",
     )
+    return parser
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    parser = bench_parser()
     parser.set_defaults(argv=list(sys.argv[1:] if argv is None else argv))
     return _run(argv, parser, _bench)
 
@@ -554,3 +580,21 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
         plot(results, Path(args.plot))
     print(f"wrote {args.output}" + ("" if args.quick else f" and {args.plot}"))
     return 0
+
+
+# ------------------------------------------------------------------------------------------ parsers
+
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "volumetric-train": train_parser,
+    "volumetric-evaluate": evaluate_parser,
+    "volumetric-infer": infer_parser,
+    "volumetric-bench": bench_parser,
+    "volumetric-export": export_parser,
+    "volumetric-cache": cache_parser,
+}
+
+
+def parser_for(name: str) -> argparse.ArgumentParser:
+    """The argument parser of console script ``name`` (e.g. volumetric-train), built without
+    running the command (for --help text and the documentation's tests)."""
+    return PARSERS[name]()

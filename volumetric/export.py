@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -175,7 +175,7 @@ def _inference_copy(model: nn.Module) -> nn.Module:
     and the chunked MLP are Python loops around autograd that a graph cannot hold, and without
     gradients they compute nothing different."""
     if hasattr(model, "grad_checkpointing"):
-        model.grad_checkpointing = False
+        cast(Any, model).grad_checkpointing = False  # a plain attribute, not a submodule
     for module in model.modules():
         if isinstance(module, Mlp):
             module.memory_lean = False
@@ -225,7 +225,8 @@ def _tracing() -> Iterator[None]:
     try:
         with (
             warnings.catch_warnings(),
-            torch.fx.experimental._config.patch(backed_size_oblivious=True),
+            # patch() is added at import (install_config_module), unknown to torch's annotations
+            torch.fx.experimental._config.patch(backed_size_oblivious=True),  # type: ignore[attr-defined]
         ):
             warnings.simplefilter("ignore")
             yield
@@ -257,7 +258,7 @@ def _onnx_bytes(
             f"{source}: the model cannot be converted to ONNX ({type(error).__name__}: "
             f"{first_line(error)})"
         ) from None
-    proto = onnx_program.model_proto
+    proto = cast("torch.onnx.ONNXProgram", onnx_program).model_proto  # dynamo=True: not None
     for key, value in [
         ("class_names", json.dumps(description["class_names"])),
         ("volumetric_preprocessing", json.dumps(description)),

@@ -26,9 +26,10 @@ Options of `Predictor`:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ from volumetric.explain.save import map_names, save_relevance
 from volumetric.models.registry import ArchitectureSpec, architecture
 from volumetric.transforms import build_preprocessing
 from volumetric.transforms.tta import build_tta
+
+if TYPE_CHECKING:
+    from volumetric.models.vit3d import VolumeTransformer
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +153,8 @@ def as_image(scan: Scan, affine: np.ndarray | None = None) -> tuple[tio.ScalarIm
         source = ScanSource.of(scan)
         return read_scan(source), str(source)
     if isinstance(scan, tio.Image):
-        source = str(scan.path) if scan.path is not None else "image"
-        return check_volume(tio.ScalarImage(tensor=scan.data, affine=scan.affine), source), source
+        name = str(scan.path) if scan.path is not None else "image"
+        return check_volume(tio.ScalarImage(tensor=scan.data, affine=scan.affine), name), name
     if isinstance(scan, (np.ndarray, torch.Tensor)):
         if affine is None:
             raise VolumetricError(
@@ -275,7 +279,8 @@ class Predictor:
         image = subject.image.data.float().unsqueeze(0).to(loaded.device)  # (1, C, W, H, D)
         with autocast(loaded.device, loaded.dtype):
             logits, relevance = relevance_map(
-                self.model,
+                # check_explainable: the model has VolumeTransformer's token interface
+                cast("VolumeTransformer", self.model),
                 image,
                 subject.image.affine,
                 original,
@@ -290,10 +295,11 @@ class Predictor:
         subject, drawn from ``self.seed`` (TorchIO draws from torch's global RNG, which is forked
         here and restored)."""
         probs = [torch.zeros(0, len(self.class_names))]
+        views = cast(tio.Compose, self.views)  # set whenever self.tta > 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             for _ in range(self.tta):
-                view = self.views(subject).image.data.float().unsqueeze(0)  # (1, C, W, H, D)
+                view = views(subject).image.data.float().unsqueeze(0)  # (1, C, W, H, D)
                 probs.append(self.loaded.probabilities(view))
         return torch.cat(probs)
 
@@ -303,7 +309,7 @@ SCAN_FAILURES = (VolumetricError, RuntimeError, ValueError)
 out of memory on a huge scan)."""
 
 
-def failure_message(scan: str | Path, error: Exception) -> str:
+def failure_message(scan: str | Path | ScanSource, error: Exception) -> str:
     """The error column of a failed scan: a VolumetricError names its scan already; a library's
     error gets the scan's name and its first line."""
     if isinstance(error, VolumetricError):
@@ -363,7 +369,9 @@ def predict_to_csv(
     loaded = predictor.loaded
     dataset = _Prepared(scans, loaded.preprocessing, loaded.in_channels)
     workers = resolve_workers(num_workers)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is)
+    # batch_size=None: collate_fn takes one item, not the list its annotation says
+    collate = cast("Callable[[list[Any]], Any]", _as_is)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=collate)
     results: list[Prediction | PredictionError] = [PredictionError("", "")] * len(scans)
     pending: list[tuple[int, tio.Subject, str]] = []  # consecutive scans of one shape
     for item in tqdm(loader, total=len(scans), desc="infer", disable=not progress):
@@ -418,7 +426,8 @@ def _predict_with_maps(
     """One scan at a time: the relevance map needs the scan as read, beside its prediction."""
     predictor.check_explainable()
     usable = [i for i, scan in enumerate(scans) if not isinstance(scan, Unusable)]
-    names = dict(zip(usable, map_names([scans[i] for i in usable])))  # index → map name
+    usable_scans = cast("list[ScanSource]", [scans[i] for i in usable])
+    names = dict(zip(usable, map_names(usable_scans)))  # index → map name
     results: list[Prediction | PredictionError] = []
     for index, scan in enumerate(tqdm(scans, desc="infer", disable=not progress)):
         try:
@@ -461,6 +470,7 @@ def _write_csv(
 def _save_map(predictor: Predictor, prediction: Prediction, maps: Path, name: str) -> None:
     """Write one scan's relevance map, then drop it: every map kept would fill the memory."""
     relevance = prediction.relevance
+    assert relevance is not None  # explain=True gives every prediction its map
     try:
         save_relevance(relevance, maps, name, predictor.class_names[relevance.target])
     except OSError as error:  # the output folder, not the scan: every other scan would fail alike

@@ -347,10 +347,8 @@ def test_evaluation_rows_name_the_series(tmp_path):
         tmp_path / "data",
         out,
         device="cpu",
-        loading=LoadingOptions(progress=False),
+        loading=LoadingOptions(cache="none", num_workers=0, progress=False),
         bootstrap_resamples=20,
-        cache="none",
-        num_workers=0,
     )
     header, rows = read_csv(out / "predictions.csv")
     assert header[:3] == ["path", "series_uid", "label"]

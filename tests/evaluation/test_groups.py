@@ -142,9 +142,8 @@ def evaluate(run: Path, rows, tmp_path: Path, caplog) -> tuple[dict, list[str]]:
             manifest,
             tmp_path / "eval",
             device="cpu",
-            loading=LoadingOptions(progress=False),
+            loading=LoadingOptions(num_workers=0, progress=False),
             bootstrap_resamples=50,
-            num_workers=0,
         )
     warnings = [
         r.getMessage()

@@ -11,7 +11,7 @@ model FLOPs of that repetition (forward + backward = 3× forward, recomputation 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -93,6 +93,7 @@ def _attention_case(spec: dict[str, Any], device: torch.device) -> tuple[Callabl
 
 
 def _monai_vit(spec: dict[str, Any]) -> nn.Module:
+    from monai.networks.blocks.selfattention import SABlock
     from monai.networks.nets import ViT
 
     model = ViT(
@@ -108,7 +109,7 @@ def _monai_vit(spec: dict[str, Any]) -> nn.Module:
         spatial_dims=3,
     )
     for block in model.blocks:  # route MONAI's attention through SDPA, its fastest path
-        block.attn.use_flash_attention = True
+        cast(SABlock, block.attn).use_flash_attention = True
     return model
 
 

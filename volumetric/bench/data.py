@@ -305,7 +305,9 @@ def train_run(settings, train_items, val_items, out: Path, cache: Path, workers)
             [Entry(ScanSource.of(path), label) for path, label in items]
             for items in (train_items, val_items)
         ]
-        train(config, *entries, out, progress=False, cache_dir=cache, loader_hook=hook)
+        train(
+            config, entries[0], entries[1], out, progress=False, cache_dir=cache, loader_hook=hook
+        )
     gc.collect()  # the run's persistent DataLoader workers exit now, not in the next run's samples
     with (out / "metrics.csv").open(newline="") as handle:
         seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]  # one per epoch

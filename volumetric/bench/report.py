@@ -6,6 +6,7 @@ import math
 import os
 import platform
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -36,7 +37,8 @@ def _time(r: Result) -> str:
 
 
 def _mem(r: Result) -> str:
-    return f"{r.peak_bytes / 2**20:.0f}" if r.ok and not math.isnan(r.peak_bytes) else "–"
+    peak = cast(float, r.peak_bytes)  # set when r.ok
+    return f"{peak / 2**20:.0f}" if r.ok and not math.isnan(peak) else "–"
 
 
 def format_ratio(value: float | None) -> str:
@@ -52,7 +54,7 @@ def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command
         "",
         f"- machine: {machine_description(s.device)}",
         f"- command: `{command}`",
-        f"- measured float32 matmul peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s"
+        f"- measured float32 matmul peak: {cast(float, peak.flops_per_s) / 1e9:.1f} GFLOP/s"
         if peak.ok
         else f"- matmul: {peak.status}",
         f"- attention: batch 1, {s.heads} heads of width {s.head_dim}; training step: width {s.dim}, depth {s.depth}, "
@@ -93,8 +95,9 @@ def markdown(results: dict[str, list[Result]], ratios, s: SuiteSettings, command
     for r in results["train_step"] + results.get("scale", []):
         name = r.spec["model"] + (" + checkpointing" if r.spec.get("checkpointing") else "")
         name += " + memory-lean" if r.spec.get("memory_lean") else ""
-        util = f"{r.flops_per_s / peak.flops_per_s:.0%}" if r.ok and peak.ok else "–"
-        tflops = f"{r.flops_per_s / 1e12:.3f}" if r.ok else "–"
+        flops = cast(float, r.flops_per_s)  # set when r.ok, as peak's when peak.ok
+        util = f"{flops / cast(float, peak.flops_per_s):.0%}" if r.ok and peak.ok else "–"
+        tflops = f"{flops / 1e12:.3f}" if r.ok else "–"
         volume = "×".join(map(str, volume_shape(r.spec)))
         lines.append(
             f"| {name} | {volume}, patch {r.spec['patch']} | {tokens_of(r.spec):,} | {_time(r)} | {_mem(r)} "
@@ -130,7 +133,7 @@ def plot(results: dict[str, list[Result]], path: Path) -> None:
             continue
         tokens = [r.spec["tokens"] for r in rows]
         ax_t.loglog(tokens, [r.median_s for r in rows], "o-", label=variant)
-        ax_m.loglog(tokens, [r.peak_bytes / 2**20 for r in rows], "o-", label=variant)
+        ax_m.loglog(tokens, [cast(float, r.peak_bytes) / 2**20 for r in rows], "o-", label=variant)
     ax_t.set(xlabel="tokens N", ylabel="forward+backward seconds (median)", title="attention time")
     ax_m.set(xlabel="tokens N", ylabel="peak MiB", title="attention memory")
     for ax in (ax_t, ax_m):

@@ -57,7 +57,7 @@ def measure(spec: dict, *, min_reps: int = 3, max_reps: int = 10, budget_s: floa
     if spec.get("single"):
         reset = _reset_peak_rss()
         seconds = timed()
-        peak = (
+        peak: float = (
             torch.cuda.max_memory_allocated(device)
             if cuda
             else _status_kib("VmHWM") * 1024 - base_rss
@@ -74,7 +74,7 @@ def measure(spec: dict, *, min_reps: int = 3, max_reps: int = 10, budget_s: floa
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     reset = _reset_peak_rss()
-    times = []
+    times: list[float] = []
     reps = min_reps if warmup * min_reps < budget_s else 1
     while len(times) < reps or (sum(times) < budget_s and len(times) < max_reps):
         times.append(timed())

@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from volumetric.data.source import ImageRef, ScanSource
 from volumetric.errors import VolumetricError, first_line
 
 log = logging.getLogger(__name__)
+
+ImageT = TypeVar("ImageT", bound=tio.Image)
 
 
 MAX_VOXELS = 2**31
@@ -69,7 +71,8 @@ def _read_nifti(path: Path) -> tuple[torch.Tensor, np.ndarray]:
     (C, W, H, D) data in TorchIO's layout (a 4D series becomes channels) and the RAS affine."""
     import nibabel as nib
 
-    image = nib.load(str(path), mmap=False)
+    # nib.load is typed FileBasedImage; a .nii(.gz) file loads as a Nifti1Image (or Nifti2Image)
+    image = cast("nib.Nifti1Image", nib.load(str(path), mmap=False))
     data = np.asarray(image.get_fdata(dtype=np.float32))
     if data.ndim == 5 and data.shape[3] == 1:  # (W, H, D, 1, C): NIfTI's vector-valued form
         data = data[:, :, :, 0]
@@ -153,7 +156,7 @@ def read_image(ref: ImageRef) -> tio.ScalarImage:
     return check_volume(image, ref)
 
 
-def check_volume(image: tio.Image, source: str | Path) -> tio.Image:
+def check_volume(image: ImageT, source: str | Path | ImageRef | ScanSource) -> ImageT:
     """``image`` (loaded) if it is a 3D volume of finite values, else a VolumetricError naming
     ``source``; shared by scans read from disk and volumes handed over in memory."""
     spatial = image.spatial_shape
@@ -176,7 +179,7 @@ def load_subject(
 
 def preprocess_scan(
     path: Path | ScanSource | str,
-    image: tio.ScalarImage,
+    image: tio.Image,
     preprocess: tio.Transform,
     in_channels: int = 1,
 ) -> tio.Subject:
@@ -274,6 +277,7 @@ class ScanDataset(Dataset):
             if self.augment is not None and epoch is None:
                 subject = self.augment(subject)  # from the global RNG
             elif self.augment is not None:
+                assert epoch is not None  # None took the branch above
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(augmentation_seed(self.seed, epoch, index))
                     subject = self.augment(subject)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -151,7 +152,9 @@ def volume_problem(slices: list[SliceHeader]) -> str:
         return ""  # multi-frame: the geometry is per frame, inside the file; GDCM reads it
     if any(s.position is None or s.orientation is None for s in slices):
         return "slices without ImagePositionPatient or ImageOrientationPatient: no 3D geometry"
-    if any(not np.allclose(s.orientation, slices[0].orientation, atol=1e-4) for s in slices):
+    # none is None (checked above)
+    orientations = cast("list[tuple[float, ...]]", [s.orientation for s in slices])
+    if any(not np.allclose(o, orientations[0], atol=1e-4) for o in orientations):
         return "image orientation differs across its files (several planes, as in a localizer)"
     steps = np.diff(slice_positions(slices))
     if (steps < SAME_POSITION_MM).any():

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from volumetric.data.dicom import series_problem, series_uids
 from volumetric.data.source import Entry, ImageRef, ScanSource
@@ -227,4 +228,5 @@ def class_indices(
         raise VolumetricError(
             f"{source}: label(s) {unknown} are not among the model's classes {class_names}"
         )
-    return [(item.source, index[item.label]) for item in items]
+    # every label is a class name here (None is among the unknown)
+    return [(item.source, index[cast(str, item.label)]) for item in items]

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -162,7 +162,8 @@ def check_cache_space(
     """Refuse, before writing anything, when the scans not cached yet would not fit on the cache's
     disk (estimated from their headers; folders without one count as the largest scan seen)."""
     cache = dataset.disk_cache
-    sizes = []
+    assert cache is not None  # called only for a dataset with a disk cache
+    sizes: list[int | None] = []
     for index in indices:
         if cache.entry(dataset.items[index][0]).exists():
             continue
@@ -215,7 +216,9 @@ def summarize(
 ) -> dict[str, Any]:
     """dataset_summary.json: scans per class and role, and the ranges of what headers say."""
     good = [i for i in range(len(items)) if i not in preflight.problems]
-    headers = [preflight.headers[i] for i in good if preflight.headers.get(i) is not None]
+    headers = cast(
+        "list[Header]", [preflight.headers[i] for i in good if preflight.headers.get(i) is not None]
+    )
     per_class: dict[str, dict[str, int]] = {}
     for i in good:
         counts = per_class.setdefault(class_names[items[i][1]], {})

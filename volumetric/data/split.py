@@ -17,8 +17,8 @@ import logging
 import random
 import secrets
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from volumetric.errors import VolumetricError
 
@@ -105,7 +105,11 @@ def grouped_split(
                 )
     rng = random.Random(seed)
     in_val = [False] * len(order)
-    majority = [min(count, key=lambda c, n=count: (-n[c], c)) for count in counts]
+    majority = [
+        # the cast: mypy cannot infer a lambda with a default argument (kept for B023)
+        min(count, key=cast("Callable[[int], tuple[int, int]]", lambda c, n=count: (-n[c], c)))
+        for count in counts
+    ]
     for c in classes:  # per majority class, as stratified_split per class
         held = [g for g in range(len(order)) if majority[g] == c]
         rng.shuffle(held)
@@ -127,7 +131,8 @@ def grouped_split(
 def _cover_both_sides(in_val: list[bool], counts: list[Counter], classes: list[int]) -> list[int]:
     """Move whole groups (``in_val``, in place) so that every class has scans on both sides where
     the groups allow (see `grouped_split`); the classes still without validation scans."""
-    side = {False: Counter(), True: Counter()}  # scans per class in training, in validation
+    # scans per class in training, in validation
+    side: dict[bool, Counter[int]] = {False: Counter(), True: Counter()}
     for g, count in enumerate(counts):
         side[in_val[g]].update(count)
     for to_val in (False, True):  # training first

@@ -166,7 +166,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _all_reduce(values: Sequence[float] | torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+def _all_reduce(
+    values: Sequence[float] | torch.Tensor, op: dist.ReduceOp.RedOpType
+) -> torch.Tensor:
     tensor = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1)  # (k,)
     if not _active():
         return tensor.cpu()

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
+
+# what signal.signal accepts and returns
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class TrainingInterrupted(Exception):
@@ -26,7 +31,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum

@@ -12,9 +12,10 @@ import contextlib
 import logging
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ class Run:
     train_set: ScanDataset
     val_set: ScanDataset
     sampler: EpochSampler
-    train_loader: DataLoader  # (or what train()'s loader_hook wrapped it in)
+    train_loader: Iterable  # a DataLoader (or what train()'s loader_hook wrapped it in)
     val_loader: DataLoader
     model: nn.Module  # what is saved and validated
     train_model: nn.Module  # what the training step calls: the model, or its DDP wrapper
@@ -147,6 +148,7 @@ def set_up(
     model_args = model_arguments(arch, asdict(config.model), len(class_names))
     model = build_model(arch, model_args)  # the first draw from the seeded global RNG
     if initial is not None:
+        assert init is not None  # initial was read from it
         load_initial_weights(model, arch, class_names, initial, init)
     freeze_blocks(model, config.train.freeze_blocks)
     model = model.to(device)
@@ -247,7 +249,8 @@ def split_data(
     (entry, role "train" or "validation") rows for split.csv. Without ``val_items``, a seeded
     stratified split of the training items that keeps each group whole (volumetric/data/split.py)."""
     t = config.train
-    class_names = sorted({item.label for item in train_items})
+    # training entries are labelled (read_manifest's labelled=True)
+    class_names = sorted({cast(str, item.label) for item in train_items})
     if len(class_names) < 2:
         raise VolumetricError(
             f"training data has {len(class_names)} class ({class_names}); at least 2 are needed"
@@ -256,7 +259,8 @@ def split_data(
     if val_items is not None:
         val_pairs = class_indices(val_items, class_names, "validation data")
         split = [(e, "train") for e in train_items] + [(e, "validation") for e in val_items]
-        shared = {e.group for e in train_items} & {e.group for e in val_items} - {None}
+        in_both = {e.group for e in train_items} & {e.group for e in val_items} - {None}
+        shared = cast("set[str]", in_both)  # None taken out
         if shared:
             log.warning(
                 "%d group(s) have scans in both the training and the validation data (e.g. %s)",
@@ -354,8 +358,15 @@ def _dataset(
     settings = preprocessing_settings(config)
     disk = disk_cache_for(t.cache, cache_dir, settings, channels)
     preprocess = build_preprocessing(settings, config.model.patch_size)
-    options = dict(cache=t.cache, disk_cache=disk, in_channels=channels, seed=t.seed)
-    return ScanDataset(pairs, preprocess, augment=augment, **options)
+    return ScanDataset(
+        pairs,
+        preprocess,
+        augment=augment,
+        cache=t.cache,
+        disk_cache=disk,
+        in_channels=channels,
+        seed=t.seed,
+    )
 
 
 def _data(
@@ -374,6 +385,7 @@ def _data(
     # every process draws the same order per epoch (a permutation, or with train.sampler: balanced
     # class-balanced draws with replacement) and takes its own shard of it
     shards = dict(num_replicas=world.size, rank=world.rank)
+    sampler: EpochSampler
     if t.sampler == "balanced":
         sampler = BalancedEpochSampler([y for _, y in train_pairs], t.seed, **shards)
     else:

@@ -25,14 +25,15 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -139,7 +140,8 @@ def train(
             cache_dir=Path(cache_dir) if cache_dir else None,
         )
         if loader_hook is not None:
-            run.train_loader = loader_hook(run.train_loader)
+            # set_up's DataLoader, not wrapped yet
+            run.train_loader = loader_hook(cast(DataLoader, run.train_loader))
         state = restore(run) if resume else RunState(world_size=world.size)
         distribute(run)
         if world.is_main:
@@ -343,7 +345,9 @@ def forward_backward(
     labels = batch["label"].to(run.device)  # (B,)
     distributed = run.world.distributed
     # DDP averages gradients in the backward of the batch that steps, not in those accumulated before
-    with run.train_model.no_sync() if distributed and not stepping else nullcontext():
+    # distributed: distribute() made train_model a DistributedDataParallel
+    ddp = cast(DistributedDataParallel, run.train_model)
+    with ddp.no_sync() if distributed and not stepping else nullcontext():
         with run.autocast():
             logits = run.train_model(images)  # (B, num_classes)
         loss = run.criterion(logits.float(), labels)
@@ -435,7 +439,7 @@ def finish_epoch(run: Run, state: RunState, totals: EpochProgress, *, progress: 
     row: dict[str, float] = {
         "epoch": totals.epoch + 1,
         "step": state.step,
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": cast(float, run.scheduler.get_last_lr()[0]),  # the optimizer's lr is a float
         "train_loss": loss_sum / max(seen, 1),
     }
     val_metrics: dict[str, float] = {}
@@ -490,7 +494,7 @@ def validate(run: Run, *, progress: bool) -> Predictions:
     if not run.world.distributed:
         return predict(model, loader, device, dtype, progress=progress, desc="validate")
     num_classes = len(run.class_names)
-    if len(loader.sampler):
+    if len(cast(Sized, loader.sampler)):  # strided_shard's list
         mine = predict(model, loader, device, dtype, progress=progress, desc="validate")
         probs, labels, indices = mine.probs, mine.labels, mine.indices  # (n_r, classes), (n_r,) ×2
         loss_sum = mine.loss * len(labels)

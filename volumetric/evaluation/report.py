@@ -47,7 +47,14 @@ from volumetric.evaluation.report_html import (
     table,
 )
 from volumetric.explain.montage import montage_figure
-from volumetric.inference import SCAN_FAILURES, LoadedModel, Predictor, as_image, failure_message
+from volumetric.inference import (
+    SCAN_FAILURES,
+    LoadedModel,
+    Predictor,
+    Scan,
+    as_image,
+    failure_message,
+)
 from volumetric.version import __version__
 
 if TYPE_CHECKING:
@@ -201,7 +208,7 @@ def metrics_section(metrics: dict) -> str:
         "num",
         {"key": "auroc_ci95", "value": json_attribute(ci)},
     )
-    rows = [
+    rows: list[tuple[list[str | Cell], str]] = [
         ([label, value(key, digits), interval if key == "auroc" else ""], "")
         for key, label, digits in METRIC_ROWS
     ]
@@ -306,7 +313,7 @@ def scans_section(evaluation: Evaluation, anonymize: bool) -> str:
     names = evaluation.loaded.class_names
     predicted = probs.argmax(axis=1)  # (N,)
     number_column = Cell("#", data={"type": "number"})
-    header = [
+    header: list[str | Cell] = [
         number_column,
         *([] if anonymize else ["path"]),
         "truth",
@@ -416,7 +423,7 @@ def has_maps(loaded: LoadedModel) -> bool:
 
 
 def case_images(
-    loaded: LoadedModel, predictor: Predictor | None, source: object
+    loaded: LoadedModel, predictor: Predictor | None, source: Scan
 ) -> tuple[list[tuple[str, bytes]], str]:
     """(caption, PNG) pairs of one scan and a note: its relevance montage and the same slices of the
     scan alone; without ``predictor`` (no maps for this model) the slices through the centre."""
@@ -428,8 +435,9 @@ def case_images(
         return [], f"no images: {failure_message(str(source), error)}"
 
 
-def map_and_slices(predictor: Predictor, source: object) -> tuple[list[tuple[str, bytes]], str]:
+def map_and_slices(predictor: Predictor, source: Scan) -> tuple[list[tuple[str, bytes]], str]:
     relevance = predictor(source, explain=True).relevance
+    assert relevance is not None  # explain=True gives the prediction its map
     scan, voxels, affine = relevance.scan, relevance.data, relevance.affine  # (W, H, D) ×2, (4, 4)
     name = predictor.class_names[relevance.target]
     steps = predictor.map_steps
@@ -443,7 +451,7 @@ def map_and_slices(predictor: Predictor, source: object) -> tuple[list[tuple[str
     ], ""
 
 
-def slices_alone(loaded: LoadedModel, source: object) -> tuple[list[tuple[str, bytes]], str]:
+def slices_alone(loaded: LoadedModel, source: Scan) -> tuple[list[tuple[str, bytes]], str]:
     original, _ = as_image(source)
     scan = original.data[0].float().numpy()  # (W, H, D): the first channel, as read
     png = figure_png(

@@ -11,6 +11,7 @@ Drawn with matplotlib's object-oriented API and the Agg renderer: no display, no
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,10 +35,11 @@ def canonical(
         )
 
     subject = tio.ToCanonical()(tio.Subject(scan=image(scan), map=image(relevance)))
+    images = cast("dict[str, tio.ScalarImage]", subject)  # a Subject's items are typed object
     return (
-        subject["scan"].data[0].numpy(),
-        subject["map"].data[0].numpy(),
-        tuple(subject["scan"].spacing),
+        images["scan"].data[0].numpy(),
+        images["map"].data[0].numpy(),
+        tuple(images["scan"].spacing),
     )
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -156,7 +157,8 @@ def relevance_map(
     """Logits (1, num_classes) of the preprocessed ``volume`` (1, C_in, W, H, D) and its relevance map
     for ``target`` (default: the predicted class) on the grid of ``original``, the scan as read."""
     logits, tokens, target = token_relevance(model, volume, target, steps)
-    voxels = upsample_to_voxels(tokens, volume.shape[2:])  # (W, H, D)
+    spatial = cast("tuple[int, int, int]", volume.shape[2:])  # volume is (1, C_in, W, H, D)
+    voxels = upsample_to_voxels(tokens, spatial)  # (W, H, D)
     data = to_input_grid(voxels, preprocessed_affine, original)
     scan = original.data[0].float().numpy()  # (W0, H0, D0)
     return logits, RelevanceMap(

@@ -99,7 +99,7 @@ class SeqNormAttention(MultiHeadSelfAttention):
 
     ``affine=True`` adds a learnable per-feature scale γ of Q̂ and K̂ (ones) and of V̂
     (`V_SCALE_INIT`) and shift β (zeros) of Q̂ (of Q̂ and K̂ in seqnorm_qk) after the
-    normalization, folded into the d×d summaries (`_fold_affine`). They are stored flat, one block of C per normalized input in the
+    normalization, folded into the d×d summaries (`fold_affine`). They are stored flat, one block of C per normalized input in the
     qkv layout (head-major), so that the optimizer treats them like the LayerNorms' weights (no
     weight decay).
     """
@@ -133,10 +133,11 @@ class SeqNormAttention(MultiHeadSelfAttention):
         if self.norm_weight is not None:
             shape = (-1, self.num_heads, q.shape[-1])  # (n, H, d) and (m, H, d)
             weight, bias = self.norm_weight.view(shape), self.norm_bias.view(shape)
-        options = dict(normalize_v=self.normalize_v, weight=weight, bias=bias)
         if _exporting():  # the production Function cannot be traced (see seqnorm_attention_plain)
-            return seqnorm_attention_plain(q, k, v, **options)
-        return seqnorm_attention(q, k, v, **options)
+            return seqnorm_attention_plain(
+                q, k, v, normalize_v=self.normalize_v, weight=weight, bias=bias
+            )
+        return seqnorm_attention(q, k, v, normalize_v=self.normalize_v, weight=weight, bias=bias)
 
 
 @register_attention("seqnorm_qk")

@@ -15,6 +15,8 @@ checks of the inputs and the folding of the learnable affine into the d×d summa
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,6 +74,7 @@ def check_inputs(
     if (weight is None) != (bias is None):
         raise ValueError("weight and bias of the affine go together: give both or neither")
     if weight is not None:
+        bias = cast(Tensor, bias)  # not None: checked just above
         want = affine_shapes(normalize_v, q.shape[-3], q.shape[-1])
         if (tuple(weight.shape), tuple(bias.shape)) != want:
             raise ValueError(
@@ -116,6 +119,7 @@ def seqnorm_attention_reference(
             v.var(-2, keepdim=True, correction=0).sqrt() + eps
         )
     if weight is not None:
+        bias = cast(Tensor, bias)  # check_inputs: both or neither
         gamma, beta = weight.unsqueeze(-2), bias.unsqueeze(-2)  # (n, H, 1, d)
         q_hat, k_hat = q_hat * gamma[0] + beta[0], k_hat * gamma[1]
         if normalize_v:
@@ -147,14 +151,14 @@ def seqnorm_attention_plain(
     out_dtype = v.dtype
     if q.dtype != torch.float64:
         q, k, v = q.float(), k.float(), v.float()
-        if weight is not None:
-            weight, bias = weight.float(), bias.float()
+        if weight is not None:  # (the casts: bias comes with weight, as check_inputs requires)
+            weight, bias = weight.float(), cast(Tensor, bias).float()
     n = q.shape[-2]
     q_hat, k_hat = _normalized(q, eps), _normalized(k, eps)  # (B, H, N, d)
     s = k_hat.mT @ (_normalized(v, eps) if normalize_v else v) / n  # (B, H, d, d)
     if weight is None:
         return (q_hat @ s).to(out_dtype)
-    p, b = fold_affine(s, v.mean(-2, keepdim=True), weight, bias, normalize_v)
+    p, b = fold_affine(s, v.mean(-2, keepdim=True), weight, cast(Tensor, bias), normalize_v)
     return (q_hat @ p + b).to(out_dtype)  # (B, H, N, d)
 
 

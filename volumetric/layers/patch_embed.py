@@ -14,6 +14,8 @@ position embedding, relevance maps on the scan's grid, masking) is the same for 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,7 +28,7 @@ def as_triple(value: int | tuple[int, int, int] | list[int], name: str) -> tuple
     triple = (value,) * 3 if isinstance(value, int) else tuple(value)
     if len(triple) != 3 or not all(isinstance(t, int) and t > 0 for t in triple):
         raise ValueError(f"{name} must be a positive int or three positive ints, got {value!r}")
-    return triple  # type: ignore[return-value]
+    return triple
 
 
 def check_conv_stem_patch(patch_size: tuple[int, int, int]) -> None:
@@ -107,7 +109,7 @@ class ConvStem3d(PatchEmbed3d):
         width = in_channels
         for i in range(steps):
             out = max(8, embed_dim >> (steps - 1 - i))  # …, C/4, C/2, C
-            stride = tuple(2 if h > i else 1 for h in halvings)
+            stride = cast("tuple[int, int, int]", tuple(2 if h > i else 1 for h in halvings))
             layers += [
                 nn.Conv3d(width, out, kernel_size=3, stride=stride, padding=1, bias=False),
                 ChannelNorm3d(out),

@@ -9,6 +9,8 @@ The plain forms it is tested against are in volumetric/layers/attention_function
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -118,9 +120,14 @@ class _SeqNormAttentionFn(torch.autograd.Function):
             kv = k.mT @ v_c - mu_k.mT @ v_c.sum(dim=-2, keepdim=True)  # (B, H, d, d)
             del v_c
         s = r_k.mT * kv / n  # (B, H, d, d)  S = K̂ᵀ V / N
-        if normalize_v:
-            s = s * r_v  # K̂ᵀ V̂ / N: the std of V is a column scale of S, its mean drops out
-        p, b = (s, None) if weight is None else fold_affine(s, mu_v, weight, bias, normalize_v)
+        if normalize_v:  # K̂ᵀ V̂ / N: the std of V is a column scale of S, its mean drops out
+            s = s * cast(Tensor, r_v)  # r_v: set when normalize_v
+        # bias comes with weight (seqnorm_attention's check_inputs)
+        p, b = (
+            (s, None)
+            if weight is None
+            else fold_affine(s, mu_v, weight, cast(Tensor, bias), normalize_v)
+        )
         p_q = r_q.mT * p  # (B, H, d, d)  diag(r_q) P
         # out in (B, N, H, d) memory, so that merging the heads afterwards is a free view
         out = q.new_empty(q.shape[0], n, q.shape[1], q.shape[-1]).transpose(1, 2)  # (B, H, N, d)
@@ -162,7 +169,7 @@ class _SeqNormAttentionFn(torch.autograd.Function):
         if weight is not None:  # through the d×d fold, by autograd on d×d tensors
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_() for t in (s, mu_v_saved, weight, bias)]
-                folded = fold_affine(*leaves, ctx.normalize_v)
+                folded = fold_affine(leaves[0], leaves[1], leaves[2], leaves[3], ctx.normalize_v)
                 ds, dmu_v, grad_w, grad_b = torch.autograd.grad(
                     folded, leaves, (dp, n * mu_g), allow_unused=True
                 )
@@ -234,8 +241,8 @@ def seqnorm_attention(
     check_inputs(q, k, v, weight, bias, normalize_v)
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
-        if weight is not None:
-            weight, bias = weight.float(), bias.float()
+        if weight is not None:  # and so is bias (check_inputs)
+            weight, bias = weight.float(), cast(Tensor, bias).float()
         out = _SeqNormAttentionFn.apply(
             q.float(), k.float(), v.float(), weight, bias, eps, normalize_v
         )

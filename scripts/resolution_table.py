@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Accuracy against cost by token resolution: the table and plot of docs/results.md.
+
+    python scripts/resolution_table.py ROWS.yaml [--time] [--timing-epochs 3]
+        [--output docs/results.md] [--plot docs/resolution.png]
+
+ROWS.yaml names the rows, each a model (overrides of the task's demo config) and, per task, the
+folders of its finished `scripts/compare.py` runs:
+
+    runs_root: /path/to/runs          # run folders below, as compare.py writes them
+    rows:
+      - label: seq-norm, patch 8
+        overrides: [model.layer_scale=0.1]
+        runs: {lesion: table/lesion/default_p8-s*-30ep, regions: table/regions/default_p8-s*-30ep}
+
+Per row and task: test accuracy and AUROC over the runs' seeds (mean ± sample sd, from each
+run's compare.json: the 1,000 test scans); per row: parameters and forward GFLOPs of one
+64×80×64 scan (counted by torch's FlopCounterMode; softmax attention is counted through its
+explicit N×N form, since SDPA's CPU kernel is not counted) and, with ``--time``, the training
+time per epoch (training plus validation on the lesion task's 400 training scans, the median of
+epochs 2 to ``--timing-epochs``) and the peak resident memory of that run, measured here one
+process at a time. Without ``--time`` the timings of an earlier ``--time`` (kept in
+``timings.json`` beside ROWS.yaml) are reused. The plot puts test accuracy (mean over seeds and
+both tasks shown apart) against training time per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from unittest import mock
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = {
+    "lesion": ROOT / "configs" / "demo.yaml",
+    "regions": ROOT / "configs" / "demo_regions.yaml",
+}
+TIMING_DATA = ROOT / "data" / "demo" / "train"
+SCAN_SHAPE = (64, 80, 64)
+SECTION = "resolution"
+
+
+def model_of(overrides: list[str]):
+    """The lesion task's model with ``overrides``: (torch module, config)."""
+    from volumetric.config import load_config
+    from volumetric.models.registry import build_model, model_arguments
+
+    config = load_config(CONFIG["lesion"], [f"--{o}" for o in overrides])
+    args = model_arguments(config.model.arch, asdict(config.model), 2)
+    return build_model(config.model.arch, args).eval(), config
+
+
+def cost(overrides: list[str]) -> dict[str, float]:
+    """Parameters (millions) and forward GFLOPs on one scan of the demo's shape."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from volumetric.layers import attention
+    from volumetric.layers.attention_functional import softmax_attention_explicit
+
+    model, _ = model_of(overrides)
+    volume = torch.zeros(1, 1, *SCAN_SHAPE)
+    # SDPA's CPU kernel escapes the counter: count softmax attention in its explicit form
+    with mock.patch.object(attention, "softmax_attention", softmax_attention_explicit):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(volume)
+    return {
+        "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflops": counter.get_total_flops() / 1e9,
+    }
+
+
+def timing(overrides: list[str], epochs: int) -> dict[str, float]:
+    """Train ``epochs`` epochs on the lesion training set in a process of its own: the median
+    epoch time over epochs 2.. (the first fills the cache) and the process's peak memory."""
+    with tempfile.TemporaryDirectory(prefix="resolution-") as folder:
+        command = [
+            "volumetric-train",
+            str(TIMING_DATA),
+            "--config",
+            str(CONFIG["lesion"]),
+            "--output-dir",
+            str(Path(folder) / "run"),
+            "--no-progress",
+            "--no-report",
+            f"--train.epochs={epochs}",
+            *[f"--{o}" for o in overrides],
+        ]
+        print("$", shlex.join(command), flush=True)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"resolution_table: {shlex.join(command)} failed")
+        rows = (Path(folder) / "run" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    seconds = [float(r.split(",")[header.index("seconds")]) for r in rows[1:]]
+    return {"epoch_s": statistics.median(seconds[1:]), "peak_gib": usage.ru_maxrss / 2**20}
+
+
+def accuracy(pattern: str) -> dict[str, list[float]]:
+    """Test accuracy and AUROC of every finished run matching ``pattern``."""
+    found: dict[str, list[float]] = {"accuracy": [], "auroc": []}
+    for path in sorted(glob.glob(str(Path(pattern) / "compare.json"))):
+        test = json.loads(Path(path).read_text())["test"]
+        found["accuracy"].append(test["accuracy"])
+        found["auroc"].append(test["auroc"])
+    return found
+
+
+def mean_sd(values: list[float]) -> str:
+    from volumetric.evaluation.comparison import format_mean_sd
+
+    return format_mean_sd(values) if values else "–"
+
+
+def section(spec: dict, rows: list[dict], device: str, command: str) -> str:
+    lines = [
+        "## Accuracy against cost, by token resolution",
+        "",
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}. Accuracy and AUROC: the 1,000 "
+        "test scans of each demo task, mean ± sample sd over the seeds (n); time per epoch and "
+        f"peak memory: {device}, one process at a time, training plus validation on the lesion "
+        "task's 400 training scans (median of epochs 2 and later); GFLOPs: one forward pass on a "
+        f"{'×'.join(map(str, SCAN_SHAPE))} scan.",
+        "",
+        "| model | tokens / scan | parameters | GFLOPs / scan | time / epoch | peak memory "
+        "| lesion accuracy (n) | lesion AUROC | regions accuracy (n) | regions AUROC |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = [
+            row["label"],
+            row["tokens"],
+            f"{row['parameters_m']:.2f} M",
+            f"{row['gflops']:.2f}",
+        ]
+        timed = row.get("timing")
+        cells += (
+            [f"{timed['epoch_s']:.1f} s", f"{timed['peak_gib']:.2f} GiB"] if timed else ["–", "–"]
+        )
+        for task in ("lesion", "regions"):
+            found = row["results"].get(task) or {"accuracy": [], "auroc": []}
+            n = len(found["accuracy"])
+            cells += [
+                f"{mean_sd(found['accuracy'])} ({n})" if n else "–",
+                mean_sd(found["auroc"]),
+            ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", f"![accuracy against training time per epoch]({spec['plot_name']})", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from volumetric.atomic_files import atomic_path
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for task, marker in (("lesion", "o"), ("regions", "s")):
+        for row in rows:
+            found, timed = row["results"].get(task), row.get("timing")
+            if not found or not found["accuracy"] or not timed:
+                continue
+            mean = statistics.fmean(found["accuracy"])
+            sd = statistics.stdev(found["accuracy"]) if len(found["accuracy"]) > 1 else 0.0
+            axes.errorbar(timed["epoch_s"], mean, yerr=sd, marker=marker, capsize=3, ls="none")
+            axes.annotate(
+                f"{row['label']} ({task})",
+                (timed["epoch_s"], mean),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+    axes.set_xscale("log")
+    axes.set_xlabel("training time per epoch (s, log scale)")
+    axes.set_ylabel("test accuracy (1,000 scans)")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", type=Path)
+    parser.add_argument("--time", action="store_true", help="measure time and memory per row")
+    parser.add_argument("--timing-epochs", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "resolution.png")
+    args = parser.parse_args(argv)
+    spec = yaml.safe_load(args.rows.read_text())
+    spec["plot_name"] = os.path.relpath(args.plot, args.output.parent)
+    timings_path = args.rows.with_name("timings.json")
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    root = Path(spec.get("runs_root", "."))
+    rows = []
+    for row in spec["rows"]:
+        overrides = list(row.get("overrides") or [])
+        model, config = model_of(overrides)
+        patch = config.model.patch_size
+        patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
+        tokens = 1
+        for s, p in zip(SCAN_SHAPE, patch):
+            tokens *= s // p
+        key = " ".join(overrides)
+        if args.time and row.get("time", True):
+            timings[key] = timing(overrides, args.timing_epochs)
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        rows.append(
+            {
+                "label": row["label"],
+                "tokens": tokens if config.model.arch == "vit3d" else "–",
+                **cost(overrides),
+                "timing": timings.get(key),
+                "results": {task: accuracy(str(root / p)) for task, p in row["runs"].items()},
+            }
+        )
+    from volumetric.bench.report import machine_description, write_markdown
+
+    command = shlex.join(["python", "scripts/resolution_table.py", *(argv or sys.argv[1:])])
+    text = section(spec, rows, machine_description("cpu"), command)
+    write_markdown(args.output, text, SECTION, title="# Accuracy")
+    plot(rows, args.plot)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
