@@ -208,9 +208,9 @@ def _deterministic():
 def train_stopped_in_epoch_2(monkeypatch, data: Path, run: Path, config: Path, *extra: str) -> int:
     """volumetric-train, interrupted (KeyboardInterrupt) at the validation of epoch 2: epoch 1 is
     saved, epoch 2 is not. The exit status (130)."""
-    import volumetric.engine.train as train_module
+    import volumetric.engine.objective as objective
 
-    calls, predict = [], train_module.predict
+    calls, predict = [], objective.predict
 
     def predict_then_stop(*args, **kwargs):
         calls.append(1)
@@ -219,5 +219,5 @@ def train_stopped_in_epoch_2(monkeypatch, data: Path, run: Path, config: Path, *
         return predict(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "predict", predict_then_stop)
+        patch.setattr(objective, "predict", predict_then_stop)
         return train(data, run, config, *extra)

@@ -95,6 +95,7 @@ def test_yaml_round_trip(tmp_path):
         "data",
         "augment",
         "train",
+        "pretrain",
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.yaml", "out.yaml"]
 

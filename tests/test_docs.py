@@ -135,8 +135,11 @@ def check_command(script: str, arguments: list[str]) -> list[str]:
     return problems
 
 
+TAKES_OVERRIDES = ("volumetric-train", "volumetric-pretrain")
+
+
 def check_override(script: str, key: str) -> list[str]:
-    if script != "volumetric-train":
+    if script not in TAKES_OVERRIDES:
         return [f"{script} takes no config override --{key}=..."]
     section, _, field = key.partition(".")
     if section not in SECTIONS:
@@ -205,7 +208,7 @@ volumetric-train --ignored-in-python
         "README.md:5: volumetric-train has no option --no-such-option",
         "README.md:6: volumetric-infer has no option --mapz",
         "README.md:7: --train.epoch: the train section has no key 'epoch'",
-        "README.md:7: --modle.depth: no config section 'modle' (known: model, data, train)",
+        "README.md:7: --modle.depth: no config section 'modle' (known: model, data, train, pretrain)",
         "README.md:9: volumetric-trian is not a console script of setup.cfg",
         "README.md:10: ./scripts/no_such_script.sh does not exist",
         "README.md:11: scripts/no_such_script.py does not exist",

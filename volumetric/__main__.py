@@ -3,7 +3,7 @@ takes a module can start them, e.g. training on 4 GPUs:
 
     torchrun --nproc_per_node=4 -m volumetric train DATA --output-dir RUN
 
-COMMAND is train, evaluate, infer, export, cache or bench; the rest of the line goes to volumetric-COMMAND.
+COMMAND is train, pretrain, evaluate, infer, export, cache or bench; the rest of the line goes to volumetric-COMMAND.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from volumetric.cli import (
     evaluate_main,
     export_main,
     infer_main,
+    pretrain_main,
     train_main,
 )
 
 COMMANDS = {
     "train": train_main,
+    "pretrain": pretrain_main,
     "evaluate": evaluate_main,
     "infer": infer_main,
     "bench": bench_main,

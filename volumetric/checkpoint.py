@@ -4,7 +4,7 @@ Shared by training (writes), evaluation and inference (read). Format version 4:
 
     format, format_version, volumetric_version
     arch            the architecture's registered name (volumetric.models.registry)
-    model_args      that architecture's constructor arguments, exactly: ARCHITECTURES[arch](**model_args)
+    model_args      that architecture's constructor arguments, exactly: the spec's build(**model_args)
     class_names     the output classes, in logit order
     preprocessing   the data settings and patch size (volumetric.transforms.build_preprocessing)
     config          the whole resolved config of the run
@@ -12,6 +12,10 @@ Shared by training (writes), evaluation and inference (read). Format version 4:
     epoch, metrics  the epoch the weights are from and its row of metrics.csv
     training        last.pt only: optimizer, schedule, scaler, history, ... (what --resume needs)
     training_groups optional: {salt, hashes} of the training split's groups (leak detection)
+    lineage         optional: where the starting weights came from (--init): that file, its
+                    hash, architecture, classes, epoch, and its own pretraining and lineage
+    pretraining     a pretraining run's files only: mask ratio, decoder, data (pretrained.pt
+                    holds the encoder alone, last.pt the encoder and its decoder)
 
 best.pt holds no training state: inference and fine-tuning need the weights, not the optimizer.
 Loading uses ``torch.load(weights_only=True)``: a pickle that would run code is refused.
@@ -31,6 +35,7 @@ a saved argument means, bumps ``FORMAT_VERSION`` and adds its step to ``_UPGRADE
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,9 +70,12 @@ def save_checkpoint(
     metrics: dict[str, float] | None = None,
     training: dict[str, Any] | None = None,
     training_groups: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
+    pretraining: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint atomically; ``training`` (last.pt) adds what resuming needs,
-    ``training_groups`` the salted hashes of the training split's groups (volumetric/data/split.py)."""
+    ``training_groups`` the salted hashes of the training split's groups (volumetric/data/split.py),
+    ``lineage`` where the starting weights came from, ``pretraining`` a pretraining run's record."""
     content = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -83,8 +91,13 @@ def save_checkpoint(
     }
     if training is not None:
         content["training"] = training
-    if training_groups is not None:
-        content["training_groups"] = training_groups
+    for key, value in (
+        ("training_groups", training_groups),
+        ("lineage", lineage),
+        ("pretraining", pretraining),
+    ):
+        if value is not None:
+            content[key] = value
     atomic_torch_save(content, Path(path))
 
 
@@ -167,6 +180,8 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)  # that epoch's row of metrics.csv
     training: dict[str, Any] | None = field(default=None, repr=False)  # last.pt: what resumes
     training_groups: dict[str, Any] | None = None  # salted hashes of the training split's groups
+    lineage: dict[str, Any] | None = None  # where the starting weights came from (--init)
+    pretraining: dict[str, Any] | None = None  # a pretraining run's record: not a classifier
     format_version: int = FORMAT_VERSION  # always the current one: the content is upgraded
     written_version: int = FORMAT_VERSION  # the format the file was written in
     volumetric_version: str = ""  # the volumetric that wrote it
@@ -184,8 +199,26 @@ class Checkpoint:
     def in_channels(self) -> int:
         return int(self.model_args.get("in_channels", 1))
 
+    def lineage_record(self) -> dict[str, Any]:
+        """What a run started from this checkpoint records of it (its ``lineage``)."""
+        digest = hashlib.sha256(self.path.read_bytes()).hexdigest() if self.path else None
+        return {
+            "path": str(self.path),
+            "sha256": digest,
+            "arch": self.arch,
+            "class_names": self.class_names,
+            "epoch": self.epoch,
+            "pretraining": self.pretraining,
+            "lineage": self.lineage,
+        }
+
     def build_model(self) -> nn.Module:
         """The model with its saved arguments and weights, in eval mode, on the CPU."""
+        if self.pretraining is not None:
+            raise VolumetricError(
+                f"{self.path or 'checkpoint'}: a pretraining checkpoint (an encoder without "
+                f"classes): fine-tune it first, volumetric-train DATA --init {self.path}"
+            )
         spec = self.spec
         try:
             model = spec.build(**self.model_args)
@@ -227,6 +260,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         metrics=checkpoint.get("metrics") or {},
         training=checkpoint.get("training"),
         training_groups=checkpoint.get("training_groups"),
+        lineage=checkpoint.get("lineage"),
+        pretraining=checkpoint.get("pretraining"),
         written_version=cast(int, written),  # a supported version (checked above)
         volumetric_version=checkpoint.get("volumetric_version", ""),
         path=path,

@@ -13,7 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from volumetric.config import apply_overrides, config_from_dict, config_to_yaml, load_config
+from volumetric.config import (
+    apply_overrides,
+    config_from_dict,
+    config_to_yaml,
+    load_config,
+    load_raw_config,
+)
 from volumetric.engine.distributed import is_main
 from volumetric.engine.interrupt import TrainingInterrupted
 from volumetric.errors import VolumetricError, first_line
@@ -215,6 +221,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from volumetric.checkpoint import load_checkpoint
     from volumetric.data.discovery import discover
     from volumetric.device import configure_cpu_allocator, resolve_device
+    from volumetric.engine.finetune import model_section_from_init
     from volumetric.engine.train import train
 
     if args.resume and args.config is None:
@@ -223,7 +230,13 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         raw = load_checkpoint(Path(args.output_dir) / "last.pt").config
         config = config_from_dict(apply_overrides(raw, overrides))
     else:
-        config = load_config(args.config, overrides)
+        raw = load_raw_config(args.config, overrides)
+        if args.init:
+            raw.setdefault("train", {})["init"] = args.init
+        init = (raw.get("train") or {}).get("init")
+        if init and not args.resume:  # the architecture of the checkpoint the run starts from
+            raw["model"] = model_section_from_init(raw.get("model") or {}, load_checkpoint(init))
+        config = config_from_dict(raw)
     if args.device:
         config.train.device = args.device
     if args.init:
@@ -260,6 +273,104 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"checkpoints: {result.output_dir / 'best.pt'}, {result.output_dir / 'last.pt'}")
     if (result.output_dir / "report.html").exists() and report is not None:
         print(f"report: {result.output_dir / 'report.html'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- pretrain
+
+
+def pretrain_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "volumetric-pretrain",
+        "Pretrain a VolumeTransformer on unlabeled scans by masked-volume modeling (MAE); "
+        "fine-tune it with volumetric-train --init RUN/pretrained.pt.",
+    )
+    parser.add_argument(
+        "data",
+        nargs="*",
+        help="scans: folders (searched at any depth), scan files, DICOM series folders, or CSV "
+        "manifests with a path column; labels are not read",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        metavar="YAML",
+        help="config file; repeat to merge several in order (the model, data, augment, train "
+        "and pretrain sections; default: built-in defaults; with --resume, the run's own)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        help="run folder: pretrained.pt, last.pt, metrics.csv, reconstructions.png, report.html",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its last.pt"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults, --config files, overrides) as YAML and exit",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="disk cache of preprocessed volumes, for train.cache: disk (default: "
+        "$VOLUMETRIC_CACHE, else ~/.cache/volumetric; see volumetric-cache)",
+    )
+    parser.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write reconstructions.png and report.html at the end (default: on)",
+    )
+    parser.epilog = (
+        "Any config value can be overridden: --pretrain.epochs=50 --pretrain.mask_ratio=0.6"
+    )
+    return parser
+
+
+def pretrain_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, pretrain_parser(), _pretrain, allow_overrides=True)
+
+
+def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.checkpoint import load_checkpoint
+    from volumetric.device import configure_cpu_allocator, resolve_device
+    from volumetric.engine.pretrain import pretrain
+
+    if args.resume and args.config is None:
+        if args.output_dir is None:
+            raise VolumetricError("--resume needs the --output-dir of the run to continue")
+        raw = load_checkpoint(Path(args.output_dir) / "last.pt").config
+        config = config_from_dict(apply_overrides(raw, overrides))
+    else:
+        config = load_config(args.config, overrides)
+    if args.device:
+        config.train.device = args.device
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
+    if not args.data or args.output_dir is None:
+        raise VolumetricError(
+            "pretraining needs DATA and --output-dir (see volumetric-pretrain --help)"
+        )
+    if resolve_device(config.train.device).type == "cpu":
+        model = config.model
+        configure_cpu_allocator(memory_saving=model.grad_checkpointing or model.memory_lean)
+    result = pretrain(
+        config,
+        args.data,
+        args.output_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+        cache_dir=args.cache_dir,
+        report=args.report,
+    )
+    if not is_main():
+        return 0
+    best = result.history[result.best_epoch - 1] if result.best_epoch else {}
+    loss = best.get("val_loss")
+    shown = f"validation loss {loss:.4f}" if loss is not None else "no held-out scans"
+    print(f"pretrained.pt: epoch {result.best_epoch}, {shown}")
+    print(f"fine-tune with: volumetric-train DATA --init {result.output_dir / 'pretrained.pt'}")
     return 0
 
 
@@ -586,6 +697,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
 
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "volumetric-train": train_parser,
+    "volumetric-pretrain": pretrain_parser,
     "volumetric-evaluate": evaluate_parser,
     "volumetric-infer": infer_parser,
     "volumetric-bench": bench_parser,

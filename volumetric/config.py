@@ -1,12 +1,13 @@
 """Run configuration: dataclasses ⇄ YAML, with unknown keys rejected and `--section.key=value` overrides.
 
-A config file holds up to four sections, each optional (defaults below):
+A config file holds up to five sections, each optional (defaults below):
 
-    model:   architecture (the keyword arguments of VolumeTransformer, less num_classes)
-    data:    deterministic preprocessing, shared by training, evaluation and inference
-    augment: a list of TorchIO random transforms, each ``{Name: {arguments}}``, training only
-             (no section: `default_augment`; ``augment: []``: none)
-    train:   optimisation and bookkeeping
+    model:    architecture (the keyword arguments of the architecture, less num_classes)
+    data:     deterministic preprocessing, shared by training, evaluation and inference
+    augment:  a list of TorchIO random transforms, each ``{Name: {arguments}}``, training only
+              (no section: `default_augment`; ``augment: []``: none)
+    train:    optimisation and bookkeeping
+    pretrain: masked-volume pretraining on unlabeled scans (volumetric-pretrain)
 
 `load_config` reads the defaults, then config files in order, applies overrides and validates; every mistake a user can make is a
 `ConfigError` (a VolumetricError) naming the key.
@@ -124,6 +125,10 @@ class TrainConfig:
     seed: int = 0
     init: str | None = None  # checkpoint whose weights start the run (new head for other classes)
     freeze_blocks: int = 0  # keep the patch embedding and the first K blocks fixed (fine-tuning)
+    # learning rate of everything but the head, as a share of lr (a fine-tuned encoder moves less)
+    encoder_lr_scale: float = 1.0
+    # layer-wise decay: block i of D gets a further layer_decay^(D - i); 1 is off (BEiT, MAE)
+    layer_decay: float = 1.0
     num_workers: int | str = (
         "auto"  # data loading processes; auto: one per CPU beyond the first, none on 2 CPUs
     )
@@ -135,11 +140,26 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """volumetric-pretrain's own settings (docs/training.md#pretraining-on-unlabeled-scans); the
+    optimizer, batches, data loading and device come from the train section."""
+
+    epochs: int = 100  # a bound: masked modeling keeps improving slowly for hundreds of epochs
+    mask_ratio: float = 0.75  # share of the patch tokens hidden from the encoder (MAE's 0.75)
+    decoder_dim: int = 64  # the decoder's width: narrow, it is dropped after pretraining
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    held_out: float = 0.05  # share of the scans kept for the validation loss and the pictures
+    pictures: int = 4  # held-out scans shown in reconstructions.png and report.html
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: list[dict[str, Any]] = field(default_factory=default_augment)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,6 +214,15 @@ class Config:
             )
         if t.lr <= 0:
             raise ConfigError(f"config train.lr must be positive, got {t.lr}")
+        if not 0 < t.encoder_lr_scale <= 1:
+            raise ConfigError(
+                f"config train.encoder_lr_scale must be in (0, 1], got {t.encoder_lr_scale}"
+            )
+        if not 0 < t.layer_decay <= 1 or t.layer_decay < 1 and not spec.tokens:
+            raise ConfigError(
+                f"config train.layer_decay={t.layer_decay} must be in (0, 1], and 1 for a model "
+                f"without blocks ({m.arch})"
+            )
         if t.cache not in CACHE_MODES:
             raise ConfigError(f"config train.cache={t.cache!r} is not one of {CACHE_MODES}")
         for name, allowed in (
@@ -215,6 +244,7 @@ class Config:
             raise ConfigError(
                 f"config data.on_bad_scan={d.on_bad_scan!r} is not one of {BAD_SCAN_POLICIES}"
             )
+        _check_pretrain(self.pretrain)
         for i, entry in enumerate(self.augment):
             if not (
                 isinstance(entry, dict)
@@ -225,6 +255,22 @@ class Config:
                     f"config augment[{i}] must be one mapping {{TransformName: {{arguments}}}}, got {entry!r}"
                 )
         return self
+
+
+def _check_pretrain(p: PretrainConfig) -> None:
+    for name in ("epochs", "decoder_depth", "decoder_heads", "pictures"):
+        value = getattr(p, name)
+        if value < (0 if name == "pictures" else 1):
+            raise ConfigError(f"config pretrain.{name} must be at least 1, got {value}")
+    if not 0.0 < p.mask_ratio < 1.0:
+        raise ConfigError(f"config pretrain.mask_ratio must be in (0, 1), got {p.mask_ratio}")
+    if p.decoder_dim < 6 or p.decoder_dim % p.decoder_heads:
+        raise ConfigError(
+            f"config pretrain.decoder_dim={p.decoder_dim} must be at least 6 and a multiple of "
+            f"pretrain.decoder_heads={p.decoder_heads}"
+        )
+    if not 0.0 < p.held_out < 1.0:
+        raise ConfigError(f"config pretrain.held_out must be in (0, 1), got {p.held_out}")
 
 
 def _check_channels(channels: list[str], in_channels: int) -> None:
@@ -257,7 +303,12 @@ def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "pretrain": PretrainConfig,
+}
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
@@ -317,7 +368,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     unknown = set(raw) - {f.name for f in fields(Config)}
     if unknown:
         raise ConfigError(
-            f"unknown config section(s) {sorted(unknown)}; known: model, data, augment, train"
+            f"unknown config section(s) {sorted(unknown)}; known: model, data, augment, train, "
+            "pretrain"
         )
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
@@ -395,11 +447,12 @@ def merge_configs(base: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def load_config(
+def load_raw_config(
     paths: str | Path | Sequence[str | Path] | None, overrides: Sequence[str] = ()
-) -> Config:
-    """The built-in defaults, then each YAML file of ``paths`` in order (e.g. base, data set,
-    experiment: a later file sets only what it changes), then ``overrides``; validated."""
+) -> dict[str, Any]:
+    """What the user set: each YAML file of ``paths`` in order (e.g. base, data set, experiment:
+    a later file sets only what it changes), then ``overrides``, as nested dicts, before the
+    defaults fill the rest and before validation."""
     if paths is None:
         paths = []
     elif isinstance(paths, (str, Path)):
@@ -407,7 +460,15 @@ def load_config(
     raw: dict[str, Any] = {}
     for path in paths:
         raw = merge_configs(raw, _read_yaml(Path(path)))
-    return config_from_dict(apply_overrides(raw, list(overrides)))
+    return apply_overrides(raw, list(overrides))
+
+
+def load_config(
+    paths: str | Path | Sequence[str | Path] | None, overrides: Sequence[str] = ()
+) -> Config:
+    """The built-in defaults, then each YAML file of ``paths`` in order, then ``overrides``
+    (`load_raw_config`); validated."""
+    return config_from_dict(load_raw_config(paths, overrides))
 
 
 def config_to_yaml(config: Config) -> str:

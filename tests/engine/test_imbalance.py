@@ -25,8 +25,9 @@ import volumetric.engine.setup as engine_setup
 from volumetric.checkpoint import load_checkpoint
 from volumetric.config import Config, config_from_dict
 from volumetric.data.sampler import BalancedEpochSampler
+from volumetric.engine.objective import Classification, selection_score
 from volumetric.engine.setup import balanced_class_weights, build_criterion
-from volumetric.engine.train import RunState, _rescore_best, selection_score
+from volumetric.engine.train import RunState, _rescore_best
 from volumetric.errors import ConfigError
 
 NINE_TO_ONE = [0] * 90 + [1] * 10
@@ -122,7 +123,7 @@ def test_resume_rescores_best_pt_by_the_key_of_the_resumed_run(caplog):
     best-so-far value becomes epoch 3's AUROC, so a later epoch replaces best.pt only if it beats
     best.pt's AUROC."""
     state = RunState(epoch=4, history=HISTORY, best_score=[0.80, -0.55], best_epoch=3)
-    run = SimpleNamespace(config=config_with(select="auroc"))
+    run = SimpleNamespace(objective=Classification(select="auroc"))
     with caplog.at_level(logging.WARNING):
         _rescore_best(run, state, "balanced_accuracy")
     assert state.best_score == [0.85, -0.55] and state.best_epoch == 3
@@ -135,7 +136,7 @@ def test_resume_rescores_best_pt_by_the_key_of_the_resumed_run(caplog):
 def test_resume_with_the_same_key_keeps_the_stored_score(caplog):
     state = RunState(epoch=4, history=HISTORY, best_score=[-0.40, 0.50], best_epoch=4)
     with caplog.at_level(logging.WARNING):
-        _rescore_best(SimpleNamespace(config=config_with(select="loss")), state, "loss")
+        _rescore_best(SimpleNamespace(objective=Classification(select="loss")), state, "loss")
     assert state.best_score == [-0.40, 0.50] and not caplog.text
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from volumetric.checkpoint import Checkpoint
 from volumetric.errors import VolumetricError
+from volumetric.layers.patch_embed import as_triple
 from volumetric.models.registry import architecture
 
 log = logging.getLogger(__name__)
@@ -91,3 +93,46 @@ def freeze_blocks(model: nn.Module, count: int) -> None:
 
 def trainable(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+ARCHITECTURE_KEYS = (
+    "arch",
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "attention",
+    "seqnorm_affine",
+    "layer_scale",
+    "attention_norm",
+    "stem",
+    "in_channels",
+)
+"""The model keys that shape the weights: a run started from a checkpoint takes them from it."""
+
+
+def model_section_from_init(model: dict[str, Any], init: Checkpoint) -> dict[str, Any]:
+    """The config's model section as the user wrote it (``model``, before defaults), completed
+    with the architecture of the checkpoint a run starts from: every `ARCHITECTURE_KEYS` key
+    the user did not set takes the checkpoint's value, so that ``--init RUN/pretrained.pt``
+    needs no config to match it. A key the user set to another value is a VolumetricError
+    naming it (the weights would not fit)."""
+    theirs = {**init.model_args, "arch": init.arch}
+    same = {k: v for k, v in theirs.items() if k in ARCHITECTURE_KEYS}
+    differ = [k for k, v in same.items() if k in model and not _same_value(k, model[k], v)]
+    if differ:
+        mine = ", ".join(f"model.{k}={model[k]!r}" for k in differ)
+        there = ", ".join(f"{k}={same[k]!r}" for k in differ)
+        raise VolumetricError(
+            f"{init.path}: the --init checkpoint's model has {there}, the config sets {mine}; "
+            "leave them out to take the checkpoint's"
+        )
+    return {**model, **{k: v for k, v in same.items() if k not in model}}
+
+
+def _same_value(key: str, a: Any, b: Any) -> bool:
+    """Config values compared as the model sees them (a patch of 8 is [8, 8, 8])."""
+    if key == "patch_size":
+        return as_triple(a, key) == as_triple(b, key)
+    return a == b

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -41,7 +41,8 @@ from volumetric.data.source import Entry, ScanSource
 from volumetric.data.split import hash_groups, stratified_split
 from volumetric.device import autocast, autocast_dtype
 from volumetric.engine.distributed import World, all_gather_objects
-from volumetric.engine.finetune import freeze_blocks, load_initial_weights, trainable
+from volumetric.engine.finetune import freeze_blocks, load_initial_weights
+from volumetric.engine.objective import Classification, Objective
 from volumetric.engine.schedule import warmup_cosine
 from volumetric.errors import VolumetricError
 from volumetric.layers.patch_embed import as_triple
@@ -73,12 +74,16 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    criterion: nn.Module
+    criterion: nn.Module | None  # the classification loss; None when the objective has its own
+    objective: Objective  # what is optimized and how epochs are judged (engine/objective.py)
+    epochs: int  # the run's length
     steps_per_epoch: int
     total_steps: int
     data_summary: dict[str, Any]  # dataset_summary.json (volumetric/data/preflight.py)
     split: list[tuple[Entry, str]] = field(default_factory=list)  # split.csv: (scan, role)
     training_groups: dict[str, Any] | None = None  # hashed groups of the training split
+    lineage: dict[str, Any] | None = None  # where the starting weights came from (--init)
+    pretraining: dict[str, Any] | None = None  # a pretraining run's record (engine/pretrain.py)
 
     @property
     def last_path(self) -> Path:
@@ -86,7 +91,8 @@ class Run:
 
     @property
     def best_path(self) -> Path:
-        return self.output_dir / "best.pt"
+        """best.pt of a classifier; pretrained.pt of a pretraining run."""
+        return self.output_dir / self.objective.best_name
 
     @property
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -98,11 +104,18 @@ class Run:
             preprocessing=preprocessing_settings(self.config),
             config=self.config.to_dict(),
             training_groups=self.training_groups,
+            lineage=self.lineage,
+            pretraining=self.pretraining,
         )
 
     def batches_remaining(self) -> int:
         """This process's batches from the sampler's current start to the end of the epoch."""
         return math.ceil(len(self.sampler) / self.config.train.batch_size)
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of this process's global RNG at the start of ``epoch`` (augmentation,
+        dropout, drop path): different on each process, the same for a resumed run."""
+        return (self.config.train.seed + self.world.rank) * 100_003 + epoch
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
@@ -134,7 +147,7 @@ def set_up(
     cache_dir: Path | None = None,
 ) -> Run:
     """Check the run folder and the data, then build data sets, loaders, model and optimizer."""
-    _check_run_folder(output_dir, resume)
+    check_run_folder(output_dir, resume)
     init = None if resume else config.train.init  # a resumed run's weights come from last.pt
     initial = load_checkpoint(init) if init else None  # read now: a wrong file fails at once
     class_names, train_pairs, val_pairs, split = split_data(config, train_items, val_items)
@@ -142,7 +155,7 @@ def set_up(
         config, class_names, train_pairs, val_pairs, world, cache_dir
     )
     seed_everything(config.train.seed)
-    data = _data(config, train_pairs, val_pairs, world, device, cache_dir)
+    data = data_loaders(config, train_pairs, val_pairs, world, device, cache_dir)
     arch = config.model.arch
     check_training_input(arch, config.train.batch_size, len(data["sampler"]), summary)
     model_args = model_arguments(arch, asdict(config.model), len(class_names))
@@ -151,6 +164,43 @@ def set_up(
         assert init is not None  # initial was read from it
         load_initial_weights(model, arch, class_names, initial, init)
     freeze_blocks(model, config.train.freeze_blocks)
+    return assemble(
+        config,
+        world,
+        device,
+        output_dir,
+        model=model,
+        data=data,
+        epochs=config.train.epochs,
+        objective=Classification(select=config.train.select),
+        criterion=build_criterion(config, [y for _, y in train_pairs], class_names),
+        class_names=class_names,
+        arch=arch,
+        model_args=model_args,
+        data_summary=summary,
+        split=split,
+        training_groups=training_group_hashes(split),
+        lineage=initial.lineage_record() if initial is not None else None,
+    )
+
+
+def assemble(
+    config: Config,
+    world: World,
+    device: torch.device,
+    output_dir: Path,
+    *,
+    model: nn.Module,
+    data: dict[str, Any],
+    epochs: int,
+    criterion: nn.Module | None,
+    lr_parts: bool = True,
+    **fields: Any,
+) -> Run:
+    """The Run of ``model`` on ``data`` (as `data_loaders` gives it) for ``epochs``: the model on its
+    device, the autocast type, the optimizer and schedule; ``fields``: the rest of `Run`'s.
+    ``lr_parts``: learning rates per part of a classifier (`parameter_groups`); False: one for
+    all."""
     model = model.to(device)
     steps_per_epoch = math.ceil(
         math.ceil(len(data["sampler"]) / config.train.batch_size) / config.train.grad_accum_steps
@@ -162,19 +212,15 @@ def set_up(
         device=device,
         dtype=dtype,
         output_dir=output_dir,
-        class_names=class_names,
-        arch=arch,
-        model_args=model_args,
         model=model,
         train_model=model,  # wrapped by `distribute` once the weights are final
+        epochs=epochs,
         steps_per_epoch=steps_per_epoch,
-        total_steps=config.train.epochs * steps_per_epoch,
-        data_summary=summary,
-        split=split,
-        training_groups=training_group_hashes(split),
-        criterion=build_criterion(config, [y for _, y in train_pairs], class_names).to(device),
+        total_steps=epochs * steps_per_epoch,
+        criterion=criterion.to(device) if criterion is not None else None,
         **data,
-        **_optimization(model, config, steps_per_epoch, device, dtype),
+        **_optimization(model, config, steps_per_epoch, epochs, device, dtype, lr_parts),
+        **fields,
     )
 
 
@@ -227,7 +273,7 @@ def distribute(run: Run) -> None:
         run.train_model = DistributedDataParallel(run.model, device_ids=device_ids)
 
 
-def _check_run_folder(output_dir: Path, resume: bool) -> None:
+def check_run_folder(output_dir: Path, resume: bool) -> None:
     last = output_dir / "last.pt"
     if last.exists() and not resume:
         raise VolumetricError(
@@ -369,7 +415,7 @@ def _dataset(
     )
 
 
-def _data(
+def data_loaders(
     config: Config,
     train_pairs: list[tuple[ScanSource, int]],
     val_pairs: list[tuple[ScanSource, int]],
@@ -419,20 +465,17 @@ def _optimization(
     model: nn.Module,
     config: Config,
     steps_per_epoch: int,
+    epochs: int,
     device: torch.device,
     dtype: torch.dtype | None,
+    lr_parts: bool,
 ) -> dict[str, Any]:
-    """AdamW (no weight decay on biases and norm weights), warm-up + cosine schedule, fp16 scaler."""
+    """AdamW (no weight decay on biases and norm weights; with ``lr_parts`` learning rates per
+    part, see `parameter_groups`), warm-up + cosine schedule over the run, fp16 scaler."""
     t = config.train
-    params = trainable(model)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases and norm weights
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=t.lr)
-    total_steps = t.epochs * steps_per_epoch
+    scale = _lr_scale(model, config) if lr_parts else (lambda name: 1.0)
+    optimizer = torch.optim.AdamW(parameter_groups(model, t.lr, t.weight_decay, scale), lr=t.lr)
+    total_steps = epochs * steps_per_epoch
     warmup_steps = max(1, round(t.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -440,3 +483,51 @@ def _optimization(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float, scale: Callable[[str], float]
+) -> list[dict[str, Any]]:
+    """The trainable parameters in AdamW groups: weight decay on matrices and kernels, none on
+    biases and norm weights, and the learning rate ``lr × scale(name)``. With every scale 1 these
+    are the two groups of a plain run (so a last.pt of one resumes with any version)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scales = {n: scale(n) for n, _ in named}
+    groups = []
+    for factor in sorted(set(scales.values()) | {1.0}, reverse=True):
+        for decay in (True, False):
+            params = [p for n, p in named if scales[n] == factor and (p.ndim >= 2) == decay]
+            if params or factor == 1.0:  # the plain run's two groups, even empty
+                groups.append(
+                    {
+                        "params": params,
+                        "weight_decay": weight_decay if decay else 0.0,
+                        "lr": lr * factor,
+                    }
+                )
+    return groups
+
+
+def _lr_scale(model: nn.Module, config: Config) -> Callable[[str], float]:
+    """The learning-rate factor of each parameter of a classifier, by name: 1 for the head;
+    ``train.encoder_lr_scale`` for the rest (the encoder: a fine-tuned one moves less than its
+    new head); for a model of blocks, further ``train.layer_decay`` to the power of the number of
+    layers above it (patch embedding layer 0, block i layer i + 1, final norm depth + 1: the
+    earliest layers, the most general features, move least; BEiT's layer-wise decay)."""
+    t = config.train
+    head = architecture(config.model.arch).head_prefix
+    depth = len(getattr(model, "blocks", ()))
+
+    def layer(name: str) -> int:
+        if name.startswith("patch_embed."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return depth + 1
+
+    def scale(name: str) -> float:
+        if name.startswith(head):
+            return 1.0
+        return t.encoder_lr_scale * t.layer_decay ** (depth + 1 - layer(name))
+
+    return scale

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,27 +50,17 @@ from volumetric.engine.distributed import (
     distributed_session,
 )
 from volumetric.engine.interrupt import StopSignals, TrainingInterrupted
+from volumetric.engine.objective import CLASSIFICATION_COLUMNS
 from volumetric.engine.run_log import RunLog
 from volumetric.engine.setup import Run, distribute, set_up
 from volumetric.errors import VolumetricError
 from volumetric.evaluation.evaluate import report_after_training
-from volumetric.evaluation.predict import Predictions, predict
 from volumetric.evaluation.report import ReportOptions, TrainingRecord
 from volumetric.inference import load_model
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = [
-    "epoch",
-    "step",
-    "lr",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "val_balanced_accuracy",
-    "val_auroc",
-    "seconds",
-]
+METRIC_COLUMNS = CLASSIFICATION_COLUMNS  # a classifier's metrics.csv (the objective's columns)
 
 
 @dataclass
@@ -139,26 +129,7 @@ def train(
             resume=resume,
             cache_dir=Path(cache_dir) if cache_dir else None,
         )
-        if loader_hook is not None:
-            # set_up's DataLoader, not wrapped yet
-            run.train_loader = loader_hook(cast(DataLoader, run.train_loader))
-        state = restore(run) if resume else RunState(world_size=world.size)
-        distribute(run)
-        if world.is_main:
-            start_run_folder(run)
-        show = progress and world.is_main
-        with (
-            StopSignals() as stop,
-            RunLog(run.output_dir, start_step=state.step, enabled=world.is_main) as run_log,
-        ):
-            for epoch in range(state.epoch, config.train.epochs):
-                totals = begin_epoch(run, state, epoch)
-                train_epoch(run, state, totals, stop, run_log, progress=show)
-                improved = finish_epoch(run, state, totals, progress=show)
-                save(run, state, improved)
-                if world.is_main:
-                    run_log.log_epoch(state.history)
-                stop_if_signalled(run, stop, epoch)
+        state = fit(run, resume=resume, progress=progress, loader_hook=loader_hook)
     if report is not None and world.is_main:  # after the session: no other process waits on it
         given = "the validation data given (--val)" if val_items is not None else None
         write_run_report(run, state, report, given, progress=progress, cache_dir=cache_dir)
@@ -168,6 +139,39 @@ def train(
             "best.pt: epoch %d, picked by train.select=%s", state.best_epoch, config.train.select
         )
     return TrainResult(run.output_dir, run.class_names, state.best_epoch, best, state.history)
+
+
+def fit(
+    run: Run,
+    *,
+    resume: bool,
+    progress: bool,
+    loader_hook: Callable[[DataLoader], Iterable] | None = None,
+) -> RunState:
+    """The run's epochs, after restoring last.pt when resuming: train, validate, save, log; a
+    signal saves and stops (`TrainingInterrupted`). The same loop for every objective."""
+    world = run.world
+    if loader_hook is not None:
+        # set_up's DataLoader, not wrapped yet
+        run.train_loader = loader_hook(cast(DataLoader, run.train_loader))
+    state = restore(run) if resume else RunState(world_size=world.size)
+    distribute(run)
+    if world.is_main:
+        start_run_folder(run)
+    show = progress and world.is_main
+    with (
+        StopSignals() as stop,
+        RunLog(run.output_dir, start_step=state.step, enabled=world.is_main) as run_log,
+    ):
+        for epoch in range(state.epoch, run.epochs):
+            totals = begin_epoch(run, state, epoch)
+            train_epoch(run, state, totals, stop, run_log, progress=show)
+            improved = finish_epoch(run, state, totals, progress=show)
+            save(run, state, improved)
+            if world.is_main:
+                run_log.log_epoch(state.history)
+            stop_if_signalled(run, stop, epoch)
+    return state
 
 
 # ------------------------------------------------------------------------------------- restore
@@ -245,9 +249,9 @@ def _rescore_best(run: Run, state: RunState, saved_select: str) -> None:
     """The best-so-far score, recomputed from best.pt's row of the history with this run's
     ``train.select``: a resume that changes the key compares later epochs with best.pt by the new
     key (the weights of other past epochs are gone, so best.pt stays until one beats it)."""
-    select = run.config.train.select
+    select = run.objective.select
     if state.best_epoch:
-        state.best_score = selection_score(state.history[state.best_epoch - 1], select)
+        state.best_score = run.objective.score(state.history[state.best_epoch - 1])
     if saved_select != select and state.best_epoch:
         log.warning(
             "best.pt (epoch %d) was picked by train.select=%s; from now on %s picks it",
@@ -278,13 +282,13 @@ def _reschedule(run: Run, state: RunState) -> None:
 
 def begin_epoch(run: Run, state: RunState, epoch: int) -> EpochProgress:
     """Position the sampler and the RNG at the start of ``epoch``, or where a signal stopped it."""
-    seed, world, sampler = run.config.train.seed, run.world, run.sampler
+    world, sampler = run.world, run.sampler
     sampler.epoch = epoch
     partial, state.partial = state.partial, None
     if partial is None:
         sampler.start = 0
         # augmentation and dropout of this epoch, different on each process
-        torch.manual_seed((seed + world.rank) * 100_003 + epoch)
+        torch.manual_seed(run.epoch_seed(epoch))
         return EpochProgress(epoch, batches=run.batches_remaining())
     # continue the interrupted epoch: its first items, over all processes, are done; the loss
     # sums saved are totals over them
@@ -300,7 +304,7 @@ def begin_epoch(run: Run, state: RunState, epoch: int) -> EpochProgress:
         rngs = partial.get("rngs") or [partial["rng"]]  # one RNG state per process
         torch.set_rng_state(rngs[world.rank])
     else:  # another number of processes: the rest of the epoch gets a fresh draw
-        torch.manual_seed((seed + world.rank) * 100_003 + epoch + 7919 * sampler.start)
+        torch.manual_seed(run.epoch_seed(epoch) + 7919 * sampler.start)
     return totals
 
 
@@ -317,7 +321,7 @@ def train_epoch(
     t = run.config.train
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
-    desc = f"epoch {totals.epoch + 1}/{t.epochs}"
+    desc = f"epoch {totals.epoch + 1}/{run.epochs}"
     bar = tqdm(run.train_loader, desc=desc, disable=not progress, leave=False)
     for batch in batches(bar):
         stepping = (totals.done + 1) % t.grad_accum_steps == 0 or totals.done + 1 >= totals.batches
@@ -341,23 +345,19 @@ def forward_backward(
 ) -> tuple[float, int]:
     """Loss and gradients of one batch: (its loss, its number of scans). A non-finite loss on any
     process stops every process at this batch."""
-    images = batch["image"].to(run.device, non_blocking=True)  # (B, C, W, H, D)
-    labels = batch["label"].to(run.device)  # (B,)
     distributed = run.world.distributed
     # DDP averages gradients in the backward of the batch that steps, not in those accumulated before
     # distributed: distribute() made train_model a DistributedDataParallel
     ddp = cast(DistributedDataParallel, run.train_model)
     with ddp.no_sync() if distributed and not stepping else nullcontext():
-        with run.autocast():
-            logits = run.train_model(images)  # (B, num_classes)
-        loss = run.criterion(logits.float(), labels)
+        loss, scans = run.objective.loss(run, batch, epoch)  # classification, or pretraining
         value = loss.item()
         # a NaN on any process makes the sum NaN: all processes stop at the same batch
         agreed = all_reduce_sum([value]).item() if distributed else value
         if not math.isfinite(agreed):
             _stop_on_bad_loss(run, state, value if not math.isfinite(value) else agreed, epoch)
         run.scaler.scale(loss / run.config.train.grad_accum_steps).backward()
-    return value, len(labels)
+    return value, scans
 
 
 def optimizer_step(run: Run) -> None:
@@ -444,69 +444,29 @@ def finish_epoch(run: Run, state: RunState, totals: EpochProgress, *, progress: 
     }
     val_metrics: dict[str, float] = {}
     if len(run.val_set):
-        val_metrics = validate(run, progress=progress).metrics()
+        val_metrics = run.objective.validate(run, progress=progress)
         row.update({f"val_{k}": v for k, v in val_metrics.items()})
     row["seconds"] = totals.seconds + time.perf_counter() - totals.started
     state.history.append(row)
     state.epoch = totals.epoch + 1
-    log.info("epoch %d/%d  %s", state.epoch, run.config.train.epochs, format_row(row))
-    select = run.config.train.select
-    score = selection_score(row, select)
+    log.info("epoch %d/%d  %s", state.epoch, run.epochs, format_row(row))
+    select = run.objective.select
+    score = run.objective.score(row)
     improved = score > state.best_score  # the same on every process: computed from the same rows
     if improved:
         state.best_score, state.best_epoch = score, state.epoch
         if val_metrics:
             value = row[f"val_{select}"]
-            log.info("best epoch so far: %d, by train.select=%s (%.4f)", state.epoch, select, value)
+            log.info(
+                "best epoch so far: %d, by %s (%.4f)", state.epoch, run.objective.judged_by, value
+            )
     return improved
-
-
-def selection_score(row: dict[str, float], select: str) -> list[float]:
-    """How good the epoch of a metrics row is for best.pt, by ``train.select``; greater is better
-    (lists compare item by item, the second breaks ties):
-
-        balanced_accuracy   [balanced accuracy, -loss]
-        auroc               [AUROC, -loss]
-        loss                [-loss, balanced accuracy]
-
-    Undefined (NaN) values count as -inf. Without validation the latest epoch is best."""
-    if "val_loss" not in row:
-        return [row["epoch"] - 1, 0.0]
-    loss, balanced = -row["val_loss"], row["val_balanced_accuracy"]
-    score = {
-        "balanced_accuracy": [balanced, loss],
-        "auroc": [row["val_auroc"], loss],
-        "loss": [loss, balanced],
-    }[select]
-    return [v if math.isfinite(v) else -math.inf for v in score]
 
 
 def format_row(row: dict[str, float]) -> str:
     """A metrics row for the log: the learning rate in scientific notation, the rest to 4 decimals."""
     shown = [(k, v) for k, v in row.items() if k not in ("epoch", "step")]
     return "  ".join(f"{k}={v:.3e}" if k == "lr" else f"{k}={v:.4f}" for k, v in shown)
-
-
-def validate(run: Run, *, progress: bool) -> Predictions:
-    """Predictions for the whole validation set, on every process: each predicts its own shard
-    (no scan twice), then the rows of all processes are gathered and put in dataset order."""
-    model, loader, device, dtype = run.model, run.val_loader, run.device, run.dtype
-    if not run.world.distributed:
-        return predict(model, loader, device, dtype, progress=progress, desc="validate")
-    num_classes = len(run.class_names)
-    if len(cast(Sized, loader.sampler)):  # strided_shard's list
-        mine = predict(model, loader, device, dtype, progress=progress, desc="validate")
-        probs, labels, indices = mine.probs, mine.labels, mine.indices  # (n_r, classes), (n_r,) ×2
-        loss_sum = mine.loss * len(labels)
-    else:  # more processes than validation scans: this one has none
-        probs, labels, indices = torch.zeros(0, num_classes), *torch.zeros(2, 0, dtype=torch.int64)
-        loss_sum = 0.0
-    indices = torch.cat(all_gather(indices.to(torch.int64)))  # (N,)
-    order = indices.argsort()
-    probs = torch.cat(all_gather(probs.float()))[order]  # (N, num_classes)
-    labels = torch.cat(all_gather(labels.to(torch.int64)))[order]  # (N,)
-    loss = all_reduce_sum([loss_sum]).item() / max(len(order), 1)
-    return Predictions(probs=probs, labels=labels, indices=indices[order], loss=loss)
 
 
 def write_checkpoint(run: Run, path: Path, state: RunState, *, resumable: bool) -> None:
@@ -522,14 +482,14 @@ def write_checkpoint(run: Run, path: Path, state: RunState, *, resumable: bool) 
             history=state.history,
             best_score=state.best_score,
             best_epoch=state.best_epoch,
-            select=run.config.train.select,  # the key best_score was computed by
+            select=run.objective.select,  # the key best_score was computed by
             partial=state.partial,
             world_size=run.world.size,
         )
     metrics = state.history[state.epoch - 1] if 0 < state.epoch <= len(state.history) else {}
     save_checkpoint(
         path,
-        model=run.model,
+        model=run.objective.saved_model(run, resumable=resumable),
         **run.checkpoint_meta,
         epoch=state.epoch,
         metrics=metrics,
@@ -544,8 +504,9 @@ def save(run: Run, state: RunState, improved: bool) -> None:
     if improved:
         write_checkpoint(run, run.best_path, state, resumable=False)
     write_checkpoint(run, run.last_path, state, resumable=True)
-    rows = [[r.get(c, "") for c in METRIC_COLUMNS] for r in state.history]
-    atomic_write_csv(run.output_dir / "metrics.csv", METRIC_COLUMNS, rows)
+    columns = run.objective.columns
+    rows = [[r.get(c, "") for c in columns] for r in state.history]
+    atomic_write_csv(run.output_dir / "metrics.csv", columns, rows)
 
 
 def write_run_report(

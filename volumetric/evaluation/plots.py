@@ -141,7 +141,9 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: Path) -> Non
         if drawn:
             ax.legend(fontsize="small")
         else:
-            ax.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5, 0.5, "no validation metrics", ha="center", va="center", transform=ax.transAxes
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

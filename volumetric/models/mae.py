@@ -86,7 +86,8 @@ def normalized_patches(volume: Tensor, patch: tuple[int, int, int]) -> Tensor:
 
 
 class MaskedVolumeModel(nn.Module):
-    """A VolumeTransformer ``encoder`` with an MAE decoder; ``forward(volume, mask)`` → loss.
+    """A VolumeTransformer ``encoder`` (its classification head removed) with an MAE decoder;
+    ``forward(volume, mask)`` → loss.
 
     The decoder: width ``decoder_dim``, ``decoder_depth`` blocks of ``decoder_heads`` heads with
     the encoder's attention kind, and a linear prediction of each patch's voxels.
@@ -107,6 +108,7 @@ class MaskedVolumeModel(nn.Module):
                 f"decoder_dim={decoder_dim} must be at least 6 and divisible by "
                 f"decoder_heads={decoder_heads}"
             )
+        encoder.head = nn.Identity()  # unused here: no weights, nothing for DDP to wait for
         self.encoder = encoder
         self.decoder_dim = decoder_dim
         patch = encoder.patch_size

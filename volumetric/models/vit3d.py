@@ -170,7 +170,7 @@ class VolumeTransformer(nn.Module):
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head: nn.Module = nn.Linear(embed_dim, num_classes)
         self.apply(_init_weights)
 
     @property
