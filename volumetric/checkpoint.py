@@ -16,6 +16,8 @@ Shared by training (writes), evaluation and inference (read). Format version 4:
                     hash, architecture, classes, epoch, and its own pretraining and lineage
     pretraining     a pretraining run's files only: mask ratio, decoder, data (pretrained.pt
                     holds the encoder alone, last.pt the encoder and its decoder)
+    decision        optional: the operating point and temperature fitted on the validation
+                    split (volumetric/evaluation/decision.py); absent: arg max, no temperature
 
 best.pt holds no training state: inference and fine-tuning need the weights, not the optimizer.
 Loading uses ``torch.load(weights_only=True)``: a pickle that would run code is refused.
@@ -72,6 +74,7 @@ def save_checkpoint(
     training_groups: dict[str, Any] | None = None,
     lineage: dict[str, Any] | None = None,
     pretraining: dict[str, Any] | None = None,
+    decision: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint atomically; ``training`` (last.pt) adds what resuming needs,
     ``training_groups`` the salted hashes of the training split's groups (volumetric/data/split.py),
@@ -95,6 +98,7 @@ def save_checkpoint(
         ("training_groups", training_groups),
         ("lineage", lineage),
         ("pretraining", pretraining),
+        ("decision", decision),
     ):
         if value is not None:
             content[key] = value
@@ -182,6 +186,9 @@ class Checkpoint:
     training_groups: dict[str, Any] | None = None  # salted hashes of the training split's groups
     lineage: dict[str, Any] | None = None  # where the starting weights came from (--init)
     pretraining: dict[str, Any] | None = None  # a pretraining run's record: not a classifier
+    decision: dict[str, Any] | None = (
+        None  # operating point and temperature (evaluation/decision.py)
+    )
     format_version: int = FORMAT_VERSION  # always the current one: the content is upgraded
     written_version: int = FORMAT_VERSION  # the format the file was written in
     volumetric_version: str = ""  # the volumetric that wrote it
@@ -262,6 +269,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         training_groups=checkpoint.get("training_groups"),
         lineage=checkpoint.get("lineage"),
         pretraining=checkpoint.get("pretraining"),
+        decision=checkpoint.get("decision"),
         written_version=cast(int, written),  # a supported version (checked above)
         volumetric_version=checkpoint.get("volumetric_version", ""),
         path=path,

@@ -386,7 +386,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir",
         required=True,
-        help="where metrics.json, predictions.csv, confusion_matrix.png, roc.png and report.html go",
+        help="where metrics.json, predictions.csv, confusion_matrix.png, roc.png, reliability.png "
+        "and report.html go",
     )
     _data_options(parser, cache=True)
     from volumetric.evaluation.report import REPORT_CASES
@@ -440,6 +441,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     if metrics["auroc_note"]:
         print(metrics["auroc_note"])
     names: tuple[str, ...] = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png")
+    names += ("reliability.png",)
     names += ("report.html",) if args.report else ()
     written = [Path(args.output_dir) / name for name in names]
     print(f"wrote {', '.join(map(str, written))}")

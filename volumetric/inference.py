@@ -46,7 +46,8 @@ from volumetric.data.loading import resolve_workers
 from volumetric.data.source import ScanSource
 from volumetric.device import autocast, autocast_dtype, resolve_device
 from volumetric.errors import VolumetricError, first_line
-from volumetric.evaluation.rows import PredictionTable, predicted_class
+from volumetric.evaluation.decision import ARGMAX, Decision
+from volumetric.evaluation.rows import PredictionTable
 from volumetric.explain.relevance import STEPS, RelevanceMap, relevance_map
 from volumetric.explain.save import map_names, save_relevance
 from volumetric.models.registry import ArchitectureSpec, architecture
@@ -79,6 +80,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None: float32
     training_groups: dict[str, Any] | None = None  # hashed groups of the training split
+    decision: Decision = ARGMAX  # operating point and temperature (evaluation/decision.py)
 
     @property
     def spec(self) -> ArchitectureSpec:
@@ -99,7 +101,7 @@ class LoadedModel:
         """(B, C, W, H, D) preprocessed volumes → (B, num_classes) class probabilities on the CPU."""
         with autocast(self.device, self.dtype):
             logits = self.model(volume.to(self.device))  # (B, num_classes)
-        return logits.float().softmax(dim=1).cpu()
+        return self.decision.calibrate(logits).cpu()
 
 
 def load_model(
@@ -121,6 +123,7 @@ def load_model(
         device=run_device,
         dtype=autocast_dtype(run_device, precision),
         training_groups=state.training_groups,
+        decision=Decision.from_dict(state.decision),
     )
 
 
@@ -129,13 +132,14 @@ class Prediction:
     source: str  # the scan's path, or what was given instead of one
     class_names: list[str] = field(repr=False)
     probs: list[float]  # one per class (mean over TTA passes)
-    probs_std: list[float] = field(default_factory=list)  # std over TTA passes; empty without TTA
+    probs_std: list[float] = field(default_factory=list)  # spread over passes; empty with one
     relevance: RelevanceMap | None = field(default=None, repr=False)  # with explain=True
+    decision: Decision = field(default=ARGMAX, repr=False)  # the model's operating point
 
     @property
     def prediction(self) -> str:
-        """The predicted class name."""
-        return self.class_names[predicted_class(self.probs)]
+        """The predicted class name (by the model's operating point)."""
+        return self.class_names[int(self.decision.predict(np.asarray([self.probs]))[0])]
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,9 @@ class Predictor:
             self.views = build_tta(checkpoint.config.get("augment")) if tta else None
         except VolumetricError as error:
             raise VolumetricError(f"{checkpoint.path}: {error}") from None
-        self.table = PredictionTable(checkpoint.class_names, with_std=tta > 0, with_error=True)
+        self.table = PredictionTable(
+            checkpoint.class_names, with_std=tta > 0, with_error=True, decision=checkpoint.decision
+        )
 
     @property
     def model(self) -> nn.Module:
@@ -260,10 +266,14 @@ class Predictor:
     ) -> Prediction:
         """From the (1, num_classes) probabilities of the scan and (tta, num_classes) of its views."""
         passes = torch.cat([plain, views])  # (1 + tta, num_classes)
+        decision = self.loaded.decision
         if not self.tta:
-            return Prediction(source, self.class_names, passes[0].tolist(), relevance=relevance)
+            probs = passes[0].tolist()
+            return Prediction(
+                source, self.class_names, probs, relevance=relevance, decision=decision
+            )
         mean, std = passes.mean(dim=0).tolist(), passes.std(dim=0).tolist()
-        return Prediction(source, self.class_names, mean, std, relevance=relevance)
+        return Prediction(source, self.class_names, mean, std, relevance, decision)
 
     def _explained(
         self, subject: tio.Subject, source: str, original: tio.ScalarImage
@@ -273,8 +283,9 @@ class Predictor:
         views = self._augmented_probs(subject)  # (tta, num_classes)
 
         def final_class(logits: torch.Tensor) -> int:  # the class the prediction will name
-            plain = logits.float().softmax(dim=1).cpu()  # (1, num_classes)
-            return int(torch.cat([plain, views]).mean(dim=0).argmax())
+            plain = loaded.decision.calibrate(logits).cpu()  # (1, num_classes)
+            mean = torch.cat([plain, views]).mean(dim=0, keepdim=True).numpy()
+            return int(loaded.decision.predict(mean)[0])
 
         image = subject.image.data.float().unsqueeze(0).to(loaded.device)  # (1, C, W, H, D)
         with autocast(loaded.device, loaded.dtype):
@@ -287,7 +298,7 @@ class Predictor:
                 target=final_class,
                 steps=self.map_steps,
             )
-        plain = logits.float().softmax(dim=1).cpu()  # (1, num_classes)
+        plain = loaded.decision.calibrate(logits).cpu()  # (1, num_classes)
         return self._prediction(source, plain, views, relevance)
 
     def _augmented_probs(self, subject: tio.Subject) -> torch.Tensor:

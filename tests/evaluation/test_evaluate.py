@@ -1,5 +1,5 @@
 """volumetric-evaluate end to end: the report files (metrics.json, predictions.csv,
-confusion_matrix.png, roc.png) of the shared tiny trained run (``trained_run``) on its data set."""
+confusion_matrix.png, roc.png, reliability.png) of the shared tiny trained run (``trained_run``) on its data set."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def test_evaluate_writes_report_files(trained_run, tiny_dataset_shared, tmp_path
         "confusion_matrix.png",
         "metrics.json",
         "predictions.csv",
+        "reliability.png",
         "report.html",
         "roc.png",
     ]
@@ -51,4 +52,9 @@ def test_evaluate_writes_report_files(trained_run, tiny_dataset_shared, tmp_path
     assert low <= metrics["auroc"] <= high
     assert_png(out / "confusion_matrix.png")
     assert_png(out / "roc.png")
+    assert_png(out / "reliability.png")
+    assert 0 <= metrics["ece"] <= 1 and 0 <= metrics["brier"] <= 1 and 0 < metrics["pr_auc"] <= 1
+    point = metrics["operating_point"]
+    assert point["rule"] == "argmax" and point["threshold"] == 0.5
+    assert point["positive_class"] == "lesion"  # the second class: nothing configured
     assert "AUROC" in capsys.readouterr().out

@@ -126,7 +126,14 @@ def test_metrics_shown_equal_metrics_json(evaluated):
     shown = {a["data-key"]: json.loads(a["data-value"]) for _, a in cells(page, "metrics-table")}
     assert shown == {
         k: metrics[k]
-        for k in ("num_scans", "accuracy", "balanced_accuracy", "auroc", "loss", "auroc_ci95")
+        for k in (
+            *("num_scans", "accuracy", "balanced_accuracy", "auroc", "loss", "auroc_ci95"),
+            *("pr_auc", "brier", "ece"),
+        )
+    }
+    point = {a["data-key"]: json.loads(a["data-value"]) for _, a in cells(page, "operating-table")}
+    assert point == {
+        k: metrics["operating_point"][k] for k in ("sensitivity", "specificity", "ppv", "npv")
     }
     low, high = metrics["auroc_ci95"]
     assert f"{low:.4f} – {high:.4f}" in [text for text, _ in cells(page, "metrics-table")]
@@ -161,7 +168,11 @@ def test_confident_mistakes_have_map_and_slices(evaluated):
     text, page = read_page(out)
     scans = [i for i in page.images if i.get("class") == "scan"]
     plots = [i for i in page.images if i.get("class") == "plot"]
-    assert [i["alt"].split(":")[0] for i in plots] == ["confusion matrix", "ROC curves"]
+    assert [i["alt"].split(":")[0] for i in plots] == [
+        "confusion matrix",
+        "ROC curves",
+        "reliability diagram",
+    ]
     wrong = page.column("scans-table", "error").count("wrong")
     assert text.count('<div class="case">') == min(2, wrong)
     assert len(scans) == 2 * min(2, wrong)  # relevance montage and the scan alone, each
@@ -177,7 +188,7 @@ def test_anonymized_page_has_no_path_and_no_scan_image(evaluated, trained_run, t
         assert word not in words, word
     assert "path" not in [t for t, _ in page.tables["scans-table"][0]]
     assert page.column("scans-table", "#") == [str(i) for i in range(1, 22)]
-    assert [i.get("class") for i in page.images] == ["plot", "plot"]
+    assert [i.get("class") for i in page.images] == ["plot", "plot", "plot"]
     assert "left out (--anonymize)" in text
 
 
@@ -238,7 +249,12 @@ def test_training_run_writes_its_report(trained_run):
     for key in ("accuracy", "balanced_accuracy", "auroc", "loss"):
         assert shown[key] == pytest.approx(float(best[f"val_{key}"]), abs=1e-5), key
     alts = [i["alt"] for i in page.images]
-    assert alts == ["confusion matrix", "ROC curves", "learning curves"]  # no maps by default
+    assert alts == [
+        "confusion matrix",
+        "ROC curves",
+        "reliability diagram",
+        "learning curves",
+    ]  # no maps by default
     assert len(page.tables["scans-table"]) - 1 == 4  # the 20% validation split of 20 scans
     assert "--report-cases K" in text
 

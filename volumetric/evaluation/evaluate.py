@@ -27,7 +27,7 @@ from volumetric.data.loading import (
 from volumetric.data.source import Entry
 from volumetric.data.split import hashed_in
 from volumetric.evaluation.metrics import evaluation_report, roc_curves
-from volumetric.evaluation.plots import plot_confusion_matrix, plot_roc
+from volumetric.evaluation.plots import plot_confusion_matrix, plot_reliability, plot_roc
 from volumetric.evaluation.predict import Predictions, predict
 from volumetric.evaluation.report import REPORT_NAME, ReportOptions, TrainingRecord, write_report
 from volumetric.evaluation.rows import PredictionTable
@@ -74,7 +74,14 @@ def evaluate_items(
     same_shape = loaded.settings.get("target_shape") is not None
     options = loader_options(resolve_workers(loading.num_workers), loaded.device.type == "cuda")
     loader = DataLoader(dataset, batch_size=EVAL_BATCH if same_shape else 1, **options)
-    result = predict(loaded.model, loader, loaded.device, loaded.dtype, progress=loading.progress)
+    result = predict(
+        loaded.model,
+        loader,
+        loaded.device,
+        loaded.dtype,
+        progress=loading.progress,
+        temperature=loaded.decision.temperature,
+    )
     metrics = evaluation_report(
         result.probs,
         result.labels,
@@ -83,19 +90,20 @@ def evaluate_items(
         bootstrap_resamples=bootstrap_resamples,
         seed=seed,
         groups=[groups[i] for i in result.indices.tolist()] if groups else None,
+        decision=loaded.decision,
     )
     return Evaluation(loaded, pairs, result, metrics)
 
 
 def write_plots(evaluation: Evaluation, directory: Path) -> dict[str, Path]:
-    """confusion_matrix.png and roc.png in ``directory``; their paths by name ("confusion_matrix",
-    "roc")."""
+    """confusion_matrix.png, roc.png and reliability.png in ``directory``; their paths by name
+    ("confusion_matrix", "roc", "reliability")."""
     metrics, names, result = (
         evaluation.metrics,
         evaluation.loaded.class_names,
         evaluation.predictions,
     )
-    paths = {"confusion_matrix": directory / "confusion_matrix.png", "roc": directory / "roc.png"}
+    paths = {name: directory / f"{name}.png" for name in ("confusion_matrix", "roc", "reliability")}
     plot_confusion_matrix(metrics["confusion_matrix"]["matrix"], names, paths["confusion_matrix"])
     plot_roc(
         roc_curves(result.probs, result.labels),
@@ -104,6 +112,7 @@ def write_plots(evaluation: Evaluation, directory: Path) -> dict[str, Path]:
         macro_auroc=metrics["auroc"],
         note=metrics["auroc_note"],
     )
+    plot_reliability(metrics["reliability"], metrics["ece"], paths["reliability"])
     return paths
 
 
@@ -152,7 +161,7 @@ def evaluate_checkpoint(
         output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     )
     plots = write_plots(evaluation, output_dir)
-    table = PredictionTable(class_names, labelled=True)
+    table = PredictionTable(class_names, labelled=True, decision=loaded.decision)
     rows = [
         table.row(pairs[index][0], probs, label=label)
         for probs, label, index in zip(

@@ -21,19 +21,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     balanced_accuracy_score,
     confusion_matrix,
     precision_recall_fscore_support,
     roc_auc_score,
     roc_curve,
 )
+
+from volumetric.evaluation.calibration import brier_score, reliability
+from volumetric.evaluation.decision import ARGMAX, Decision
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_LEVEL = 0.95
@@ -68,6 +72,34 @@ def macro_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
         return math.nan
     onehot = labels[:, None] == present[None, :]  # (N, P)
     return float(roc_auc_score(onehot, probs[:, present], average="macro"))
+
+
+def per_class_pr_auc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """probs (N, C), labels (N,) → (C,) one-vs-rest area under the precision-recall curve (average
+    precision) per class; NaN for classes absent from labels. Unlike the AUROC it depends on how
+    rare the class is: a random model scores the class's share of the scans."""
+    out = np.full(probs.shape[1], math.nan)
+    for c in np.unique(labels):
+        out[c] = average_precision_score(labels == c, probs[:, c])
+    return out
+
+
+def operating_point(predictions: np.ndarray, labels: np.ndarray, positive: int) -> dict[str, float]:
+    """Sensitivity, specificity, PPV and NPV of two-class ``predictions`` (N,) against ``labels``
+    (N,), ``positive`` the positive class; NaN where a denominator is 0."""
+    predicted, actual = predictions == positive, labels == positive
+    tp, fp = int((predicted & actual).sum()), int((predicted & ~actual).sum())
+    tn, fn = int((~predicted & ~actual).sum()), int((~predicted & actual).sum())
+
+    def share(a: int, b: int) -> float:
+        return a / (a + b) if a + b else math.nan
+
+    return {
+        "sensitivity": share(tp, fn),
+        "specificity": share(tn, fp),
+        "ppv": share(tp, fp),
+        "npv": share(tn, fn),
+    }
 
 
 def classification_metrics(
@@ -111,19 +143,10 @@ def bootstrap_auroc(
     no resample is usable. Seeded with its own generator: the global RNGs are left untouched.
     """
     present = np.unique(labels)
-    rng = np.random.default_rng(seed)
-    clusters = (
-        _clusters(groups) if groups is not None and any(g is not None for g in groups) else None
-    )
+    clusters = _clusters_of(groups)
     values = []
     if len(present) >= 2:
-        for _ in range(resamples):
-            if clusters is None:  # (N,) scans drawn with replacement
-                idx = rng.integers(0, len(labels), size=len(labels))
-            else:  # (M,) the scans of G groups drawn with replacement
-                idx = np.concatenate(
-                    [clusters[g] for g in rng.integers(0, len(clusters), size=len(clusters))]
-                )
+        for idx in _resamples(len(labels), clusters, resamples, seed):
             sample = labels[idx]  # (N,) or (M,)
             if len(np.unique(sample)) == len(present):
                 values.append(macro_auroc(probs[idx], sample))
@@ -138,6 +161,56 @@ def bootstrap_auroc(
         "seed": seed,
         "unit": "scan" if clusters is None else "group",
         **({} if clusters is None else {"groups": len(clusters)}),
+    }
+
+
+def _clusters_of(groups: Sequence[str | None] | None) -> list[np.ndarray] | None:
+    """`_clusters` of ``groups`` when they name any group, else None (the scans alone)."""
+    if groups is None or all(g is None for g in groups):
+        return None
+    return _clusters(groups)
+
+
+def _resamples(
+    n: int, clusters: list[np.ndarray] | None, resamples: int, seed: int
+) -> Iterator[np.ndarray]:
+    """Bootstrap index arrays: ``n`` scans drawn with replacement, or, with ``clusters``, the
+    scans of as many groups drawn with replacement; from a generator of their own."""
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        if clusters is None:
+            yield rng.integers(0, n, size=n)  # (N,)
+        else:  # (M,) the scans of G groups
+            yield np.concatenate(
+                [clusters[g] for g in rng.integers(0, len(clusters), size=len(clusters))]
+            )
+
+
+def bootstrap_operating_point(
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    positive: int,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = BOOTSTRAP_LEVEL,
+    groups: Sequence[str | None] | None = None,
+) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals of `operating_point`'s four rates, drawn as
+    `bootstrap_auroc` draws (scans, or groups); a rate undefined in a resample (no positive scan,
+    say) leaves that resample out of its interval; None when no resample defines it."""
+    clusters = _clusters_of(groups)
+    draws: dict[str, list[float]] = {}
+    for idx in _resamples(len(labels), clusters, resamples, seed):
+        for key, value in operating_point(predictions[idx], labels[idx], positive).items():
+            if math.isfinite(value):
+                draws.setdefault(key, []).append(value)
+    tail = (1.0 - level) / 2.0
+    return {
+        key: [float(v) for v in np.quantile(draws[key], [tail, 1.0 - tail])]
+        if draws.get(key)
+        else None
+        for key in ("sensitivity", "specificity", "ppv", "npv")
     }
 
 
@@ -181,6 +254,7 @@ def evaluation_report(
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
     groups: Sequence[str | None] | None = None,
+    decision: Decision = ARGMAX,
 ) -> dict[str, Any]:
     """probs (N, C), labels (N,) → the JSON-ready metrics of ``volumetric-evaluate``.
 
@@ -192,6 +266,14 @@ def evaluation_report(
     Precision of a class never predicted, and recall of a class absent from labels, are null.
     ``groups`` (one per scan; None: a scan of its own) naming any group make the bootstrap draw
     groups (see `bootstrap_auroc`).
+
+    Predictions follow ``decision`` (the model's operating point: the arg max, or a threshold on
+    the positive class of two; volumetric/evaluation/decision.py), and so do accuracy, balanced
+    accuracy, precision, recall and the confusion matrix. Also: pr_auc (macro one-vs-rest area
+    under the precision-recall curve; per class in per_class), brier and ece with its reliability
+    bins (volumetric/evaluation/calibration.py), and for two classes operating_point: the
+    positive class, rule, threshold, and sensitivity, specificity, PPV and NPV with bootstrap
+    intervals (``<name>_ci95``).
     """
     p, y = _arrays(probs, labels)
     num_classes = len(class_names)
@@ -199,13 +281,13 @@ def evaluation_report(
         raise ValueError(
             f"probs {tuple(p.shape)} and labels {tuple(y.shape)} do not fit {num_classes} classes"
         )
-    predictions = p.argmax(axis=1)  # (N,)
-    basic = classification_metrics(p, y)
+    predictions = decision.predict(p) if len(y) else np.zeros(0, np.int64)  # (N,)
     class_ids = list(range(num_classes))
     precision, recall, f1, support = precision_recall_fscore_support(
         y, predictions, labels=class_ids, zero_division=np.nan
     )
     aurocs = per_class_auroc(p, y)
+    pr_aucs = per_class_pr_auc(p, y)
     if groups is not None and len(groups) != len(y):
         raise ValueError(f"{len(groups)} groups for {len(y)} scans")
     interval = bootstrap_auroc(p, y, resamples=bootstrap_resamples, seed=seed, groups=groups)
@@ -220,12 +302,17 @@ def evaluation_report(
     else:
         note = None
     ci = [interval["low"], interval["high"]] if interval["used"] else None
+    with warnings.catch_warnings():  # classes predicted but absent from labels: left out
+        warnings.simplefilter("ignore")
+        balanced = float(balanced_accuracy_score(y, predictions)) if len(y) else math.nan
+    calibration = reliability(p, y)
+    present_pr = [v for v in pr_aucs if math.isfinite(v)]
     return {
         "num_scans": int(len(y)),
         "loss": _json_number(loss) if loss is not None else None,
-        "accuracy": _json_number(basic["accuracy"]),
-        "balanced_accuracy": _json_number(basic["balanced_accuracy"]),
-        "auroc": _json_number(basic["auroc"]),
+        "accuracy": _json_number(float(accuracy_score(y, predictions)) if len(y) else math.nan),
+        "balanced_accuracy": _json_number(balanced),
+        "auroc": _json_number(macro_auroc(p, y) if len(y) else math.nan),
         "auroc_ci95": ci,
         "auroc_bootstrap": {
             k: interval[k]
@@ -233,6 +320,11 @@ def evaluation_report(
             if k in interval
         },
         "auroc_note": note,
+        "pr_auc": _json_number(float(np.mean(present_pr)) if present_pr else math.nan),
+        "brier": _json_number(brier_score(p, y, decision.positive)),
+        "ece": _json_number(calibration["ece"]),
+        "reliability": calibration["bins"],
+        "temperature": decision.temperature,
         "class_names": list(class_names),
         "per_class": {
             name: {
@@ -241,13 +333,46 @@ def evaluation_report(
                 "f1": _json_number(f1[c]),
                 "support": int(support[c]),
                 "auroc": _json_number(aurocs[c]),
+                "pr_auc": _json_number(pr_aucs[c]),
             }
             for c, name in enumerate(class_names)
         },
+        **(
+            {
+                "operating_point": _operating_point_report(
+                    predictions, y, class_names, decision, bootstrap_resamples, seed, groups
+                )
+            }
+            if num_classes == 2
+            else {}
+        ),
         "confusion_matrix": {
             "labels": list(class_names),
             "rows": "true class",
             "columns": "predicted class",
             "matrix": confusion_matrix(y, predictions, labels=class_ids).tolist(),
         },
+    }
+
+
+def _operating_point_report(
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    decision: Decision,
+    resamples: int,
+    seed: int,
+    groups: Sequence[str | None] | None,
+) -> dict[str, Any]:
+    """metrics.json's operating_point of a two-class model (see `evaluation_report`)."""
+    rates = operating_point(predictions, labels, decision.positive)
+    intervals = bootstrap_operating_point(
+        predictions, labels, decision.positive, resamples=resamples, seed=seed, groups=groups
+    )
+    return {
+        "positive_class": class_names[decision.positive],
+        "rule": decision.rule,
+        "threshold": decision.threshold if decision.threshold is not None else 0.5,
+        **{k: _json_number(v) for k, v in rates.items()},
+        **{f"{k}_ci95": v for k, v in intervals.items()},
     }

@@ -107,6 +107,42 @@ def plot_roc(
     _save(figure, path)
 
 
+def plot_reliability(bins: Sequence[dict], ece: float | None, path: Path) -> None:
+    """The reliability diagram of `volumetric.evaluation.calibration.reliability`'s ``bins``:
+    per bin of confidence, the share predicted right against the mean confidence (a calibrated
+    model lies on the diagonal), bars for how many scans each bin holds → PNG."""
+    figure = Figure(figsize=(5.5, 5.0), layout="constrained")
+    ax = figure.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="calibrated")
+    filled = [b for b in bins if b["scans"]]
+    ax.plot(
+        [b["confidence"] for b in filled],
+        [b["accuracy"] for b in filled],
+        marker="o",
+        linewidth=1.8,
+        label="model",
+    )
+    total = sum(b["scans"] for b in bins) or 1
+    counts = ax.twinx()
+    counts.bar(
+        [(b["low"] + b["high"]) / 2 for b in bins],
+        [b["scans"] / total for b in bins],
+        width=[b["high"] - b["low"] for b in bins],
+        alpha=0.2,
+        color="grey",
+    )
+    counts.set_ylim(0, 1)
+    counts.set_ylabel("share of scans (bars)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    shown = f" (ECE {ece:.3f})" if ece is not None and math.isfinite(ece) else ""
+    ax.set_title("reliability" + shown)
+    ax.legend(loc="upper left", fontsize="small")
+    _save(figure, path)
+
+
 def plot_learning_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     """Rows of metrics.csv (epoch, train_loss, val_loss, val_accuracy, ...) → loss and validation PNG."""
     # fixed margins: redrawn every epoch, a layout engine costs more than the plot

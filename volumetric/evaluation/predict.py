@@ -34,8 +34,10 @@ def predict(
     *,
     progress: bool = False,
     desc: str = "eval",
+    temperature: float | None = None,
 ) -> Predictions:
-    """Probabilities for every item of ``loader`` (model switched to eval mode)."""
+    """Probabilities for every item of ``loader`` (model switched to eval mode); the logits are
+    divided by ``temperature`` first when one is given (a calibrated model)."""
     model.eval()
     probs, labels, indices, loss_sum = [], [], [], 0.0
     for batch in batches(tqdm(loader, desc=desc, disable=not progress, leave=False)):
@@ -43,7 +45,7 @@ def predict(
         target = batch["label"].to(device)
         with autocast(device, dtype):
             logits = model(images)  # (B, num_classes)
-        logits = logits.float()
+        logits = logits.float() / (temperature or 1.0)
         loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         probs.append(logits.softmax(dim=1).cpu())
         labels.append(target.cpu())

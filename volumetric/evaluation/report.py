@@ -194,7 +194,10 @@ METRIC_ROWS = [  # (metrics.json key, label, decimals)
     ("accuracy", "accuracy", 4),
     ("balanced_accuracy", "balanced accuracy (mean recall)", 4),
     ("auroc", "AUROC (macro, one vs rest)", 4),
+    ("pr_auc", "PR-AUC (macro, one vs rest)", 4),
     ("loss", "loss (cross-entropy)", 4),
+    ("brier", "Brier score", 4),
+    ("ece", "expected calibration error", 4),
 ]
 
 
@@ -225,13 +228,66 @@ def metrics_section(metrics: dict) -> str:
         table(["metric", "value", "95% interval"], rows, ident="metrics-table"),
         explained,
         *why,
+        *(
+            [operating_point_table(metrics["operating_point"])]
+            if "operating_point" in metrics
+            else []
+        ),
+        *([note(calibrated(metrics["temperature"]))] if metrics.get("temperature") else []),
+    )
+
+
+def calibrated(temperature: float) -> str:
+    return (
+        f"Probabilities are temperature-scaled (T = {temperature:.3f}, fitted on the validation "
+        "split, train.calibrate): the model's logits are divided by T before the softmax."
+    )
+
+
+def operating_point_table(point: dict) -> str:
+    """Sensitivity, specificity, PPV and NPV at the model's operating point, with intervals."""
+    rows: list[tuple[list[str | Cell], str]] = []
+    for key, label in [
+        ("sensitivity", "sensitivity (recall of the positive class)"),
+        ("specificity", "specificity"),
+        ("ppv", "PPV (precision)"),
+        ("npv", "NPV"),
+    ]:
+        ci = point[f"{key}_ci95"]
+        interval = f"{ci[0]:.4f} – {ci[1]:.4f}" if ci else "—"
+        rows.append(
+            (
+                [
+                    label,
+                    numeric(point[key], 4, key=key, value=json_attribute(point[key])),
+                    interval,
+                ],
+                "",
+            )
+        )
+    rule = point["rule"]
+    how = "the arg max" if rule == "argmax" else f"{rule} on the validation split"
+    return "\n".join(
+        [
+            note(
+                f"Operating point: {point['positive_class']} is positive when its probability is "
+                f"at least {point['threshold']:.4f} (chosen by {how})."
+            ),
+            table(
+                ["at the operating point", "value", "95% interval"], rows, ident="operating-table"
+            ),
+        ]
     )
 
 
 def plots_section(plots: dict[str, Path]) -> str:
-    shown = [("confusion_matrix", "confusion matrix"), ("roc", "ROC curves")]
+    shown = [
+        ("confusion_matrix", "confusion matrix"),
+        ("roc", "ROC curves"),
+        ("reliability", "reliability diagram"),
+    ]
     parts = [image(plots[k].read_bytes(), alt, "plot") for k, alt in shown if k in plots]
-    return section("plots", "Confusion matrix and ROC", figures(parts))
+    return section("plots", "Confusion matrix, ROC and calibration", figures(parts))
 
 
 EPOCH_COLUMNS = [  # (metrics.csv column, header, decimals)
@@ -278,7 +334,7 @@ def epoch_cell(value: float | None, digits: int | None) -> Cell:
 
 def per_class_section(metrics: dict) -> str:
     names = metrics["class_names"]
-    keys = ("precision", "recall", "f1", "support", "auroc")
+    keys = ("precision", "recall", "f1", "support", "auroc", "pr_auc")
     rows = []
     for name in names:
         values = metrics["per_class"][name]
@@ -293,7 +349,7 @@ def per_class_section(metrics: dict) -> str:
         "per-class",
         "Per class",
         table(
-            ["class", "precision", "recall", "F1", "support", "AUROC"],
+            ["class", "precision", "recall", "F1", "support", "AUROC", "PR-AUC"],
             rows,
             ident="per-class-table",
         ),
@@ -303,15 +359,16 @@ def per_class_section(metrics: dict) -> str:
 
 
 def wrong_scans(evaluation: Evaluation) -> np.ndarray:
-    """(N,) bool, in the data set's order: the prediction is not the truth."""
+    """(N,) bool, in the data set's order: the prediction (by the model's operating point) is
+    not the truth."""
     probs, labels = evaluation.in_item_order()
-    return probs.argmax(axis=1) != labels
+    return evaluation.loaded.decision.predict(probs) != labels
 
 
 def scans_section(evaluation: Evaluation, anonymize: bool) -> str:
     probs, labels = evaluation.in_item_order()  # (N, C), (N,)
     names = evaluation.loaded.class_names
-    predicted = probs.argmax(axis=1)  # (N,)
+    predicted = evaluation.loaded.decision.predict(probs)  # (N,)
     number_column = Cell("#", data={"type": "number"})
     header: list[str | Cell] = [
         number_column,

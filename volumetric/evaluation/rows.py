@@ -7,8 +7,9 @@
 ``series_uid`` is the SeriesInstanceUID of a DICOM series picked out of a folder of several (the
 scans of one folder share its ``path``), empty for every other scan; ``label`` when the truth is known (evaluation), ``prob_std_`` with test-time augmentation,
 ``error`` where a scan may fail without stopping the others (inference). Probabilities are
-written with six decimals; the prediction is the class of the highest probability (the first
-such class on a tie).
+written with six decimals; the prediction is the class the model's operating point names (its
+`Decision`: the highest probability, the first such class on a tie, unless a threshold was
+fitted).
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from volumetric.data.source import ScanSource
-
-
-def predicted_class(probs: Sequence[float]) -> int:
-    """Index of the highest probability (the first on a tie)."""
-    return max(range(len(probs)), key=probs.__getitem__)
+from volumetric.evaluation.decision import ARGMAX, Decision
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,7 @@ class PredictionTable:
     labelled: bool = False
     with_std: bool = False
     with_error: bool = False
+    decision: Decision = ARGMAX
 
     def header(self) -> list[str]:
         names = self.class_names
@@ -68,7 +68,7 @@ class PredictionTable:
         return [
             *scan,
             *truth,
-            names[predicted_class(probs)],
+            names[int(self.decision.predict(np.asarray([probs]))[0])],
             *(f"{p:.6f}" for p in probs),
             *std,
             *([""] if self.with_error else []),
