@@ -276,6 +276,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
+def write_decision(path: Path, decision: dict[str, Any]) -> None:
+    """Set the operating point and temperature of the checkpoint at ``path`` (atomically; the
+    rest of the file as it is)."""
+    content = _read(Path(path), "cpu")
+    content["decision"] = decision
+    atomic_torch_save(content, Path(path))
+
+
 def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     """The file's dict, loaded weights-only; a VolumetricError for anything else."""
     if not path.is_file():

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from volumetric.errors import ConfigError
+from volumetric.evaluation.decision import check_rule
 
 INTENSITY_MODES = ("zscore", "ct", "minmax", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -119,6 +120,12 @@ class TrainConfig:
     # shuffle: each scan once per epoch; balanced: draws with replacement, classes equally often
     sampler: str = "shuffle"
     select: str = "balanced_accuracy"  # what picks best.pt: balanced_accuracy, auroc or loss
+    # two classes: the class whose sensitivity, PPV and threshold are meant; null: the second
+    positive_class: str | None = None
+    # two classes: argmax, youden, sensitivity=0.95 or specificity=0.95, fitted on the validation
+    # split with best.pt and used for the prediction column (the probabilities do not change)
+    threshold: str = "argmax"
+    calibrate: bool = False  # temperature scaling fitted on the validation split (changes probs)
     grad_accum_steps: int = 1
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     val_fraction: float = 0.2  # held out of the training data when no --val is given
@@ -214,6 +221,7 @@ class Config:
             )
         if t.lr <= 0:
             raise ConfigError(f"config train.lr must be positive, got {t.lr}")
+        check_rule(t.threshold)
         if not 0 < t.encoder_lr_scale <= 1:
             raise ConfigError(
                 f"config train.encoder_lr_scale must be in (0, 1], got {t.encoder_lr_scale}"

@@ -40,6 +40,7 @@ from volumetric.data.sampler import (
 from volumetric.data.source import Entry, ScanSource
 from volumetric.data.split import hash_groups, stratified_split
 from volumetric.device import autocast, autocast_dtype
+from volumetric.engine.decide import check_decision_settings
 from volumetric.engine.distributed import World, all_gather_objects
 from volumetric.engine.finetune import freeze_blocks, load_initial_weights
 from volumetric.engine.objective import Classification, Objective
@@ -151,6 +152,7 @@ def set_up(
     init = None if resume else config.train.init  # a resumed run's weights come from last.pt
     initial = load_checkpoint(init) if init else None  # read now: a wrong file fails at once
     class_names, train_pairs, val_pairs, split = split_data(config, train_items, val_items)
+    check_decision_settings(config, class_names, len(val_pairs))
     train_pairs, val_pairs, summary = screen_data(
         config, class_names, train_pairs, val_pairs, world, cache_dir
     )

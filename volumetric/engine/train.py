@@ -42,6 +42,7 @@ from volumetric.checkpoint import load_checkpoint, save_checkpoint
 from volumetric.config import Config, save_config
 from volumetric.data.loading import LoadingOptions, batches
 from volumetric.data.source import Entry
+from volumetric.engine.decide import fit_decision
 from volumetric.engine.distributed import (
     World,
     all_gather,
@@ -130,6 +131,8 @@ def train(
             cache_dir=Path(cache_dir) if cache_dir else None,
         )
         state = fit(run, resume=resume, progress=progress, loader_hook=loader_hook)
+    if world.is_main:  # after the session, as the report: no other process waits on it
+        fit_decision(run)
     if report is not None and world.is_main:  # after the session: no other process waits on it
         given = "the validation data given (--val)" if val_items is not None else None
         write_run_report(run, state, report, given, progress=progress, cache_dir=cache_dir)
