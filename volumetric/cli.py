@@ -379,7 +379,12 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = _parser("volumetric-evaluate", "Metrics of a checkpoint on a labelled data set.")
-    parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
+    parser.add_argument(
+        "checkpoint",
+        nargs="+",
+        help="a .pt file written by volumetric-train; several, or the folder of a --folds run, "
+        "evaluate their ensemble (the mean of their probabilities)",
+    )
     parser.add_argument(
         "data", help="labelled data: root/<class>/*.nii.gz, or a CSV manifest with path,label"
     )
@@ -455,12 +460,14 @@ def infer_parser() -> argparse.ArgumentParser:
     parser = _parser(
         "volumetric-infer", "Classify scans with a trained checkpoint and write a CSV."
     )
-    parser.add_argument("checkpoint", help="a .pt file written by volumetric-train")
     parser.add_argument(
         "inputs",
         nargs="+",
-        help="scan files, or folders searched recursively for scans (scan files, and DICOM "
-        "series: one scan per series), or CSV manifests; each gets at least one row",
+        metavar="CHECKPOINT... INPUT",
+        help="first the model: a .pt file written by volumetric-train, or several, or the folder "
+        "of a --folds run (an ensemble: the mean of their probabilities); then the scans: scan "
+        "files, folders searched recursively for scans (scan files, and DICOM series: one scan "
+        "per series), or CSV manifests; each input gets at least one row",
     )
     parser.add_argument(
         "--output", default="predictions.csv", help="CSV to write (default: predictions.csv)"
@@ -509,15 +516,16 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
         raise VolumetricError(
             f"--map-steps {args.map_steps}: at least 1 gradient evaluation is needed"
         )
+    models, inputs = split_models(args.inputs)
     predictor = Predictor(
-        args.checkpoint,
+        models,
         device=args.device or "auto",
         tta=args.tta,
         seed=args.seed,
         map_steps=args.map_steps,
     )
     # every input gets a row: its scans', or one with the error of an input that gave none
-    scans = inference_inputs(args.inputs, channels=predictor.loaded.channels)
+    scans = inference_inputs(inputs, channels=predictor.loaded.channels)
     maps = Path(args.maps) if args.maps else None
     predictions = predict_to_csv(
         predictor,
@@ -533,6 +541,26 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
         + (f"; relevance maps in {maps}" if maps else "")
     )
     return 1 if failed else 0
+
+
+def split_models(arguments: list[str]) -> tuple[list[str], list[str]]:
+    """volumetric-infer's positionals: the leading .pt files and --folds run folders are the
+    model, the rest the inputs; a VolumetricError when either is missing."""
+    from volumetric.ensemble import is_folds_folder
+
+    count = 0
+    while count < len(arguments) and (
+        arguments[count].lower().endswith(".pt") or is_folds_folder(arguments[count])
+    ):
+        count += 1
+    if count == 0:
+        raise VolumetricError(
+            f"{arguments[0]}: give the model first: a .pt checkpoint (or several, or the folder "
+            "of a --folds run), then the scans"
+        )
+    if count == len(arguments):
+        raise VolumetricError("no scans to classify: give scan files or folders after the model")
+    return arguments[:count], arguments[count:]
 
 
 # ------------------------------------------------------------------------------------------------ cache

@@ -26,7 +26,7 @@ Options of `Predictor`:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -45,6 +45,7 @@ from volumetric.data.discovery import Unusable
 from volumetric.data.loading import resolve_workers
 from volumetric.data.source import ScanSource
 from volumetric.device import autocast, autocast_dtype, resolve_device
+from volumetric.ensemble import MeanOfMembers, check_members, ensemble_decision, expand
 from volumetric.errors import VolumetricError, first_line
 from volumetric.evaluation.decision import ARGMAX, Decision
 from volumetric.evaluation.rows import PredictionTable
@@ -81,6 +82,13 @@ class LoadedModel:
     dtype: torch.dtype | None  # autocast dtype; None: float32
     training_groups: dict[str, Any] | None = None  # hashed groups of the training split
     decision: Decision = ARGMAX  # operating point and temperature (evaluation/decision.py)
+    members: list[Path] = field(
+        default_factory=list
+    )  # an ensemble's checkpoints (volumetric/ensemble.py)
+
+    @property
+    def ensemble(self) -> bool:
+        return len(self.members) > 1
 
     @property
     def spec(self) -> ArchitectureSpec:
@@ -97,33 +105,57 @@ class LoadedModel:
         return preprocess_scan(source, image, self.preprocessing, self.in_channels)
 
     @torch.no_grad()
-    def probabilities(self, volume: torch.Tensor) -> torch.Tensor:
-        """(B, C, W, H, D) preprocessed volumes → (B, num_classes) class probabilities on the CPU."""
+    def passes(self, volume: torch.Tensor) -> torch.Tensor:
+        """(B, C, W, H, D) preprocessed volumes → (M, B, num_classes) class probabilities of each
+        of the M members (one for a single checkpoint), on the CPU."""
         with autocast(self.device, self.dtype):
-            logits = self.model(volume.to(self.device))  # (B, num_classes)
-        return self.decision.calibrate(logits).cpu()
+            volume = volume.to(self.device)
+            if isinstance(self.model, MeanOfMembers):
+                return self.model.member_probs(volume).cpu()
+            logits = self.model(volume)  # (B, num_classes)
+        return self.decision.calibrate(logits)[None].cpu()
+
+    def probabilities(self, volume: torch.Tensor) -> torch.Tensor:
+        """(B, C, W, H, D) preprocessed volumes → (B, num_classes) class probabilities on the CPU
+        (an ensemble's: the mean over its members)."""
+        return self.passes(volume).mean(dim=0)
 
 
 def load_model(
-    checkpoint: str | Path, *, device: str = "auto", precision: str = "auto"
+    checkpoint: str | Path | Sequence[str | Path],
+    *,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> LoadedModel:
-    """Load a checkpoint written by volumetric-train (any format version) for inference."""
-    state = load_checkpoint(checkpoint)
+    """Load a checkpoint written by volumetric-train (any format version) for inference; several
+    checkpoints, or the folder of a --folds run, load as one ensemble (volumetric/ensemble.py)."""
+    given = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    paths, folds_decision = expand(given)
+    members = [load_checkpoint(path) for path in paths]
+    check_members(members)
+    state = members[0]
     run_device = resolve_device(device)
     settings = state.preprocessing
+    if len(members) == 1:
+        model, decision = state.build_model(), Decision.from_dict(state.decision)
+    else:
+        temperatures = [Decision.from_dict(m.decision).temperature for m in members]
+        model = MeanOfMembers([m.build_model() for m in members], temperatures).eval()
+        decision = ensemble_decision(members, folds_decision)
     return LoadedModel(
-        model=state.build_model().to(run_device),
+        model=model.to(run_device),
         class_names=state.class_names,
         preprocessing=build_preprocessing(settings, settings["patch_size"]),
         settings=dict(settings),
         in_channels=state.in_channels,
-        arch=state.arch,
+        arch=state.arch if len(members) == 1 else f"ensemble of {len(members)} ({state.arch})",
         config=state.config,
-        path=Path(checkpoint),
+        path=Path(given[0]),
         device=run_device,
         dtype=autocast_dtype(run_device, precision),
         training_groups=state.training_groups,
-        decision=Decision.from_dict(state.decision),
+        decision=decision,
+        members=paths,
     )
 
 
@@ -183,14 +215,15 @@ def as_image(scan: Scan, affine: np.ndarray | None = None) -> tuple[tio.ScalarIm
 class Predictor:
     """A checkpoint ready to classify scans: ``Predictor("best.pt")(scan) -> Prediction``.
 
-    ``checkpoint``: a path, or a `LoadedModel` already loaded. ``tta``: augmented passes per scan
+    ``checkpoint``: a path, several (an ensemble, volumetric/ensemble.py), or a `LoadedModel`
+    already loaded. ``tta``: augmented passes per scan
     (0: off), their views drawn from ``seed``; ``map_steps``: gradient evaluations per relevance
     map (``explain=True``), 1 for plain gradient × input.
     """
 
     def __init__(
         self,
-        checkpoint: str | Path | LoadedModel,
+        checkpoint: str | Path | Sequence[str | Path] | LoadedModel,
         *,
         device: str = "auto",
         precision: str = "auto",
@@ -214,8 +247,9 @@ class Predictor:
             self.views = build_tta(checkpoint.config.get("augment")) if tta else None
         except VolumetricError as error:
             raise VolumetricError(f"{checkpoint.path}: {error}") from None
+        spread = tta > 0 or checkpoint.ensemble  # over TTA views, members, or both
         self.table = PredictionTable(
-            checkpoint.class_names, with_std=tta > 0, with_error=True, decision=checkpoint.decision
+            checkpoint.class_names, with_std=spread, with_error=True, decision=checkpoint.decision
         )
 
     @property
@@ -227,7 +261,13 @@ class Predictor:
         return self.loaded.class_names
 
     def check_explainable(self) -> None:
-        """Relevance maps need a token model; a VolumetricError for any other architecture."""
+        """Relevance maps need one token model; a VolumetricError for any other architecture and
+        for an ensemble."""
+        if self.loaded.ensemble:
+            raise VolumetricError(
+                f"relevance maps explain one model: give one checkpoint, not an ensemble of "
+                f"{len(self.loaded.members)}"
+            )
         if not self.loaded.spec.tokens:
             raise VolumetricError(
                 f"{self.loaded.path}: relevance maps need a vit3d checkpoint (or another model "
@@ -251,9 +291,9 @@ class Predictor:
         """Preprocessed subjects of one shape, with their sources → their predictions: one
         forward pass for all of them, plus each one's TTA views."""
         images = torch.stack([subject.image.data.float() for subject, _ in subjects])
-        plain = self.loaded.probabilities(images)  # (B, num_classes)
+        plain = self.loaded.passes(images)  # (M, B, num_classes)
         return [
-            self._prediction(source, plain[i : i + 1], self._augmented_probs(subject))
+            self._prediction(source, plain[:, i], self._augmented_probs(subject))
             for i, (subject, source) in enumerate(subjects)
         ]
 
@@ -264,10 +304,12 @@ class Predictor:
         views: torch.Tensor,
         relevance: RelevanceMap | None = None,
     ) -> Prediction:
-        """From the (1, num_classes) probabilities of the scan and (tta, num_classes) of its views."""
-        passes = torch.cat([plain, views])  # (1 + tta, num_classes)
+        """From the (M, num_classes) probabilities of the scan (one row per member) and
+        (M·tta, num_classes) of its views: their mean and, over more than one pass, their sample
+        standard deviation."""
+        passes = torch.cat([plain, views])  # (M·(1 + tta), num_classes)
         decision = self.loaded.decision
-        if not self.tta:
+        if len(passes) == 1:
             probs = passes[0].tolist()
             return Prediction(
                 source, self.class_names, probs, relevance=relevance, decision=decision
@@ -280,7 +322,7 @@ class Predictor:
     ) -> Prediction:
         """The prediction with the relevance map of the class it names (unaugmented pass)."""
         loaded = self.loaded
-        views = self._augmented_probs(subject)  # (tta, num_classes)
+        views = self._augmented_probs(subject)  # (tta, num_classes): one member
 
         def final_class(logits: torch.Tensor) -> int:  # the class the prediction will name
             plain = loaded.decision.calibrate(logits).cpu()  # (1, num_classes)
@@ -302,16 +344,16 @@ class Predictor:
         return self._prediction(source, plain, views, relevance)
 
     def _augmented_probs(self, subject: tio.Subject) -> torch.Tensor:
-        """(tta, num_classes) probabilities of ``self.tta`` random views of the preprocessed
-        subject, drawn from ``self.seed`` (TorchIO draws from torch's global RNG, which is forked
-        here and restored)."""
+        """(M·tta, num_classes) probabilities of ``self.tta`` random views of the preprocessed
+        subject by each of the M members, the views drawn from ``self.seed`` (TorchIO draws from
+        torch's global RNG, which is forked here and restored)."""
         probs = [torch.zeros(0, len(self.class_names))]
         views = cast(tio.Compose, self.views)  # set whenever self.tta > 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             for _ in range(self.tta):
                 view = views(subject).image.data.float().unsqueeze(0)  # (1, C, W, H, D)
-                probs.append(self.loaded.probabilities(view))
+                probs.append(self.loaded.passes(view)[:, 0])  # (M, num_classes)
         return torch.cat(probs)
 
 

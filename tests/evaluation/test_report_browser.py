@@ -68,7 +68,7 @@ def test_images_are_drawn(page):
 
     images = page.find_elements(By.TAG_NAME, "img")
     classes = [image.get_attribute("class") for image in images]
-    assert classes.count("plot") == 2 and classes.count("scan") >= 2
+    assert classes.count("plot") == 3 and classes.count("scan") >= 2  # confusion, ROC, reliability
     for image in images:
         page.execute_script("arguments[0].scrollIntoView({block: 'center'})", image)
         assert image.is_displayed()

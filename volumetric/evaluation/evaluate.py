@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def write_plots(evaluation: Evaluation, directory: Path) -> dict[str, Path]:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     data: str | Path,
     output_dir: str | Path,
     *,
@@ -128,7 +129,8 @@ def evaluate_checkpoint(
     seed: int = 0,
     report: ReportOptions | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a checkpoint on a labelled data set (see ``evaluation_report``).
+    """Metrics of a checkpoint, or of an ensemble of several (or of a --folds run's folder), on a
+    labelled data set (see ``evaluation_report``).
 
     Writes to output_dir: metrics.json, predictions.csv, confusion_matrix.png, roc.png and, with
     ``report``, report.html (volumetric/evaluation/report.py). The AUROC confidence interval is a
@@ -146,7 +148,8 @@ def evaluate_checkpoint(
     pairs = class_indices(entries, class_names, data)
     groups = [e.group for e in entries] if any(e.group is not None for e in entries) else None
     if groups:
-        warn_of_training_groups(loaded.path, entries)
+        for member in loaded.members:
+            warn_of_training_groups(member, entries)
     evaluation = evaluate_items(
         loaded,
         pairs,

@@ -168,8 +168,14 @@ def run_section(
 ) -> str:
     loaded = evaluation.loaded
     rows = [
-        ("checkpoint", LEFT_OUT if anonymize else str(loaded.path)),
-        ("model", loaded.arch),
+        (
+            "checkpoint",
+            LEFT_OUT if anonymize else ", ".join(map(str, loaded.members or [loaded.path])),
+        ),
+        (
+            "model",
+            loaded.arch + (f" (ensemble of {len(loaded.members)})" if loaded.ensemble else ""),
+        ),
         ("classes", ", ".join(loaded.class_names)),
         ("data", LEFT_OUT if anonymize else (training.source if training else source)),
         ("scans", str(len(evaluation.items))),
