@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from volumetric.config import (
     apply_overrides,
@@ -191,6 +192,14 @@ def train_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --output-dir from its last.pt"
     )
     parser.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="K-fold cross-validation: one run per fold in OUTPUT_DIR/fold-k (grouped and "
+        "stratified), then the out-of-fold predictions and a summary; run again to finish an "
+        "interrupted one; OUTPUT_DIR is then an ensemble for volumetric-infer and -evaluate",
+    )
+    parser.add_argument(
         "--init",
         metavar="CHECKPOINT",
         help="fine-tune: start from this checkpoint's weights (a new head when the classes "
@@ -251,6 +260,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         # a process-wide choice, so the command's to make, not the library's (see device.py)
         model = config.model
         configure_cpu_allocator(memory_saving=model.grad_checkpointing or model.memory_lean)
+    if args.folds is not None:
+        return _train_folds(args, config, report)
     result = train(
         config,
         discover(args.data, channels=config.data.channels),
@@ -273,6 +284,33 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"checkpoints: {result.output_dir / 'best.pt'}, {result.output_dir / 'last.pt'}")
     if (result.output_dir / "report.html").exists() and report is not None:
         print(f"report: {result.output_dir / 'report.html'}")
+    return 0
+
+
+def _train_folds(args: argparse.Namespace, config: Any, report: Any) -> int:
+    from volumetric.data.discovery import discover
+    from volumetric.engine.folds import train_folds
+
+    if args.val:
+        raise VolumetricError("--folds makes its own validation parts: leave out --val")
+    result = train_folds(
+        config,
+        discover(args.data, channels=config.data.channels),
+        args.folds,
+        args.output_dir,
+        progress=not args.no_progress,
+        cache_dir=args.cache_dir,
+        report=report,
+    )
+    summary = result.summary
+    for key in ("accuracy", "balanced_accuracy", "auroc"):
+        mean, sd = summary["mean_sd"][key]
+        shown = "undefined" if mean is None else f"{mean:.4f} ± {sd if sd is not None else 0:.4f}"
+        print(f"{key} over {summary['folds']} folds: {shown}")
+    print(f"out-of-fold predictions: {result.output_dir / 'oof_predictions.csv'}")
+    print(
+        f"summary: {result.output_dir / 'summary.md'}; the folds as one model: {result.output_dir}"
+    )
     return 0
 
 
