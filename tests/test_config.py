@@ -365,3 +365,29 @@ def test_model_options_accept_their_off_and_on_values():
     assert (on.model.stem, on.model.layer_scale, on.model.drop_path) == ("conv", 0.1, 0.1)
     off = config_from_dict({"model": {"layer_scale": None, "drop_path": 0}})
     assert off.model.layer_scale is None and off.model.drop_path == 0.0
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("model:\n  depth: 2\ntrain:\n  epochs: 3\nmodel:\n  embed_dim: 48\n", "model", (1, 5)),
+        ("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n", "epochs", (2, 4)),
+    ],
+    ids=["section", "key"],
+)
+def test_a_key_written_twice_is_one_error_naming_both_lines(tmp_path, text, key, lines):
+    """PyYAML keeps the second of two equal keys: the first block would be lost without a word."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(VolumetricError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert f"key {key!r} is written twice, on lines {lines[0]} and {lines[1]}" in message
+    assert str(path) in message and "\n" not in message
+
+
+def test_an_override_given_twice_is_one_error():
+    with pytest.raises(VolumetricError, match=r"train.epochs given twice \(--train.epochs=3 and"):
+        load_config(None, ["--train.epochs=3", "--model.depth=2", "--train.epochs=5"])
+    config = load_config(None, ["--train.epochs=3", "--train.lr=0.001"])  # two keys: fine
+    assert (config.train.epochs, config.train.lr) == (3, 0.001)

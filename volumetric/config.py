@@ -300,6 +300,27 @@ class _Loader(yaml.SafeLoader):
     where a float needs a dot, so `lr: 1e-3` would otherwise be the string '1e-3')."""
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping that names one key twice: PyYAML would keep the second value and lose the first."""
+
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"key {key!r} is written twice, on lines {first} and {second}")
+        self.key, self.first, self.second = key, first, second
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise DuplicateKey(key, seen[key], line)
+        if isinstance(key, str | int | float | bool):
+            seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -405,7 +426,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (value parsed as YAML) to a raw config dict, in place."""
+    """Apply ``section.key=value`` strings (value parsed as YAML) to a raw config dict, in place;
+    a key given twice is a ConfigError naming both."""
+    given: dict[str, str] = {}
     for item in overrides:
         key, sep, text = item.removeprefix("--").partition("=")
         section, dot, name = key.partition(".")
@@ -417,6 +440,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(
                 f"unknown config section in override {item!r}; known: {', '.join(SECTIONS)}"
             )
+        if key.removeprefix("--") in given:
+            raise ConfigError(
+                f"override {key.removeprefix('--')} given twice ({given[key.removeprefix('--')]} "
+                f"and {item}); keep one"
+            )
+        given[key.removeprefix("--")] = item
         try:
             value = _parse_yaml(text) if text else None
         except yaml.YAMLError as error:
@@ -436,6 +465,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read config file {path}: {error}") from None
+    except DuplicateKey as error:
+        raise ConfigError(
+            f"config file {path}: {error}; the second would silently replace the first, so keep one"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
