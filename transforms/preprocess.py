@@ -11,6 +11,7 @@ from typing import Any
 
 import torchio as tio
 
+from volumetric.transforms.ct_dataset_norm import CTDatasetNormalization
 from volumetric.transforms.ct_window import CTWindow
 from volumetric.transforms.foreground_zscore import ForegroundZNormalization
 from volumetric.transforms.min_shape import RequireMinimumShape
@@ -31,10 +32,16 @@ def build_preprocessing(data: dict[str, Any], patch_size: int | list[int]) -> ti
     elif intensity == "ct":
         low, high = data.get("ct_window", (-1000.0, 1000.0))
         steps.append(CTWindow(low, high))
+    elif intensity == "ct_dataset":
+        low, high = data["ct_window"]
+        mean, std = data["ct_stats"]
+        steps.append(CTDatasetNormalization(low, high, mean, std))
     elif intensity == "minmax":
         steps.append(tio.RescaleIntensity(out_min_max=(0.0, 1.0)))
     elif intensity != "none":
-        raise ValueError(f"intensity={intensity!r} is not one of zscore, ct, minmax, none")
+        raise ValueError(
+            f"intensity={intensity!r} is not one of zscore, ct, ct_dataset, minmax, none"
+        )
     if data.get("target_shape") is not None:
         steps.append(tio.CropOrPad(tuple(data["target_shape"])))
     else:

@@ -18,6 +18,8 @@ Shared by training (writes), evaluation and inference (read). Format version 4:
                     holds the encoder alone, last.pt the encoder and its decoder)
     decision        optional: the operating point and temperature fitted on the validation
                     split (volumetric/evaluation/decision.py); absent: arg max, no temperature
+    modalities      optional: the modalities of the training scans (CT, MR, ...), which
+                    inference checks; absent or empty: unknown
 
 best.pt holds no training state: inference and fine-tuning need the weights, not the optimizer.
 Loading uses ``torch.load(weights_only=True)``: a pickle that would run code is refused.
@@ -75,6 +77,7 @@ def save_checkpoint(
     lineage: dict[str, Any] | None = None,
     pretraining: dict[str, Any] | None = None,
     decision: dict[str, Any] | None = None,
+    modalities: list[str] | None = None,
 ) -> None:
     """Write a checkpoint atomically; ``training`` (last.pt) adds what resuming needs,
     ``training_groups`` the salted hashes of the training split's groups (volumetric/data/split.py),
@@ -99,6 +102,7 @@ def save_checkpoint(
         ("lineage", lineage),
         ("pretraining", pretraining),
         ("decision", decision),
+        ("modalities", modalities),
     ):
         if value is not None:
             content[key] = value
@@ -186,9 +190,8 @@ class Checkpoint:
     training_groups: dict[str, Any] | None = None  # salted hashes of the training split's groups
     lineage: dict[str, Any] | None = None  # where the starting weights came from (--init)
     pretraining: dict[str, Any] | None = None  # a pretraining run's record: not a classifier
-    decision: dict[str, Any] | None = (
-        None  # operating point and temperature (evaluation/decision.py)
-    )
+    decision: dict[str, Any] | None = None  # operating point, temperature (evaluation/decision.py)
+    modalities: list[str] = field(default_factory=list)  # of the training scans; []: unknown
     format_version: int = FORMAT_VERSION  # always the current one: the content is upgraded
     written_version: int = FORMAT_VERSION  # the format the file was written in
     volumetric_version: str = ""  # the volumetric that wrote it
@@ -270,6 +273,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         lineage=checkpoint.get("lineage"),
         pretraining=checkpoint.get("pretraining"),
         decision=checkpoint.get("decision"),
+        modalities=list(checkpoint.get("modalities") or []),
         written_version=cast(int, written),  # a supported version (checked above)
         volumetric_version=checkpoint.get("volumetric_version", ""),
         path=path,

@@ -526,6 +526,12 @@ def infer_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --tta views (default 0)")
     parser.add_argument(
+        "--allow-modality-mismatch",
+        action="store_true",
+        help="score scans of another modality than the training scans' (DICOM Modality, a "
+        "manifest's modality column or a JSON sidecar); by default they get an error row",
+    )
+    parser.add_argument(
         "--map-steps",
         type=int,
         default=STEPS,
@@ -561,6 +567,7 @@ def _infer(args: argparse.Namespace, overrides: list[str]) -> int:
         tta=args.tta,
         seed=args.seed,
         map_steps=args.map_steps,
+        allow_modality_mismatch=args.allow_modality_mismatch,
     )
     # every input gets a row: its scans', or one with the error of an input that gave none
     scans = inference_inputs(inputs, channels=predictor.loaded.channels)

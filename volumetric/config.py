@@ -25,10 +25,11 @@ from typing import Any
 
 import yaml
 
+from volumetric.data.series_filter import SeriesFilter
 from volumetric.errors import ConfigError
 from volumetric.evaluation.decision import check_rule
 
-INTENSITY_MODES = ("zscore", "ct", "minmax", "none")
+INTENSITY_MODES = ("zscore", "ct", "ct_dataset", "minmax", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("disk", "memory", "none")
 BAD_SCAN_POLICIES = ("error", "skip")
@@ -95,10 +96,15 @@ class DataConfig:
     target_shape: list[int] | None = (
         None  # voxels after resampling; None: native grid padded to a patch multiple
     )
-    intensity: str = "zscore"  # zscore (MRI, foreground), ct (HU window → [0, 1]), minmax, none
+    # zscore (MRI, per scan, foreground), ct (HU window → [0, 1]), ct_dataset (clipped to
+    # ct_window, then standardized with the data set's ct_stats: volumetric-plan), minmax, none
+    intensity: str = "zscore"
     ct_window: list[float] = field(
         default_factory=lambda: [-1000.0, 1000.0]
-    )  # HU, for intensity: ct
+    )  # HU, for intensity: ct and ct_dataset
+    ct_stats: list[float] | None = None  # [mean, std] HU of the clipped foreground (ct_dataset)
+    # DICOM series to take: modality, image_type, min_slices, description (data/series_filter.py)
+    series_filter: dict[str, Any] | None = None
     canonical: bool = True  # reorient to RAS+
     # a manifest's image columns, one per channel (e.g. [t1, t2, flair]): each image is resampled
     # onto the first one's grid and stacked; None: one image per scan, the manifest's path column
@@ -205,6 +211,14 @@ class Config:
             raise ConfigError(
                 f"config data.ct_window={d.ct_window} must be [low, high] with low < high"
             )
+        if d.intensity == "ct_dataset" and (
+            d.ct_stats is None or len(d.ct_stats) != 2 or not d.ct_stats[1] > 0
+        ):
+            raise ConfigError(
+                f"config data.intensity=ct_dataset needs data.ct_stats: [mean, std] of the data "
+                f"set (got {d.ct_stats!r}); volumetric-plan DATA measures them"
+            )
+        SeriesFilter.from_config(d.series_filter)
         for name in ("epochs", "batch_size", "grad_accum_steps"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"config train.{name} must be at least 1, got {getattr(t, name)}")

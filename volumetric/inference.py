@@ -42,7 +42,9 @@ from volumetric.atomic_files import atomic_write_csv
 from volumetric.checkpoint import load_checkpoint
 from volumetric.data.dataset import check_volume, preprocess_scan, read_scan
 from volumetric.data.discovery import Unusable
+from volumetric.data.guard import ScanGuard, UnknownModalityWarning
 from volumetric.data.loading import resolve_workers
+from volumetric.data.series_filter import SeriesFilter
 from volumetric.data.source import ScanSource
 from volumetric.device import autocast, autocast_dtype, resolve_device
 from volumetric.ensemble import MeanOfMembers, check_members, ensemble_decision, expand
@@ -82,6 +84,7 @@ class LoadedModel:
     dtype: torch.dtype | None  # autocast dtype; None: float32
     training_groups: dict[str, Any] | None = None  # hashed groups of the training split
     decision: Decision = ARGMAX  # operating point and temperature (evaluation/decision.py)
+    guard: ScanGuard = ScanGuard()  # series filter and modalities of training (data/guard.py)
     members: list[Path] = field(
         default_factory=list
     )  # an ensemble's checkpoints (volumetric/ensemble.py)
@@ -126,9 +129,11 @@ def load_model(
     *,
     device: str = "auto",
     precision: str = "auto",
+    allow_modality_mismatch: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint written by volumetric-train (any format version) for inference; several
-    checkpoints, or the folder of a --folds run, load as one ensemble (volumetric/ensemble.py)."""
+    checkpoints, or the folder of a --folds run, load as one ensemble (volumetric/ensemble.py).
+    ``allow_modality_mismatch``: score scans of another modality than training's (data/guard.py)."""
     given = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     paths, folds_decision = expand(given)
     members = [load_checkpoint(path) for path in paths]
@@ -156,6 +161,11 @@ def load_model(
         training_groups=state.training_groups,
         decision=decision,
         members=paths,
+        guard=ScanGuard(
+            SeriesFilter.from_config((state.config.get("data") or {}).get("series_filter")),
+            tuple(sorted({m for member in members for m in member.modalities})),
+            allow_modality_mismatch,
+        ),
     )
 
 
@@ -230,6 +240,7 @@ class Predictor:
         tta: int = 0,
         seed: int = 0,
         map_steps: int = STEPS,
+        allow_modality_mismatch: bool = False,
     ):
         if isinstance(tta, bool) or not isinstance(tta, int) or tta < 0:
             raise VolumetricError(
@@ -240,9 +251,15 @@ class Predictor:
                 f"map_steps must be 1 (plain gradient × input) or more, got {map_steps!r}"
             )
         if not isinstance(checkpoint, LoadedModel):
-            checkpoint = load_model(checkpoint, device=device, precision=precision)
+            checkpoint = load_model(
+                checkpoint,
+                device=device,
+                precision=precision,
+                allow_modality_mismatch=allow_modality_mismatch,
+            )
         self.loaded = checkpoint
         self.tta, self.seed, self.map_steps = tta, seed, map_steps
+        self.unknown_modality = UnknownModalityWarning(checkpoint.guard.modalities)
         try:
             self.views = build_tta(checkpoint.config.get("augment")) if tta else None
         except VolumetricError as error:
@@ -281,6 +298,12 @@ class Predictor:
         Raises VolumetricError when the scan cannot be read or preprocessed."""
         if explain:
             self.check_explainable()
+        if isinstance(scan, (str, Path, ScanSource)):  # arrays and images carry no modality
+            refused, modality = self.loaded.guard.check(ScanSource.of(scan))
+            if refused:
+                raise VolumetricError(refused)
+            if modality is None:
+                self.unknown_modality(scan)
         original, source = as_image(scan, affine)
         subject = self.loaded.preprocess(original, source)
         if explain:
@@ -371,12 +394,12 @@ def failure_message(scan: str | Path | ScanSource, error: Exception) -> str:
 
 
 class _Prepared(Dataset):
-    """Scan i read and preprocessed (in a DataLoader worker): its tensor and affine, or its error."""
+    """Scan i checked by the model's guard, read and preprocessed (in a DataLoader worker): its
+    tensor, affine and modality, or its error."""
 
-    def __init__(
-        self, scans: list[ScanSource | Unusable], preprocessing: tio.Compose, in_channels: int
-    ):
-        self.scans, self.preprocessing, self.in_channels = scans, preprocessing, in_channels
+    def __init__(self, scans: list[ScanSource | Unusable], loaded: LoadedModel):
+        self.scans, self.preprocessing = scans, loaded.preprocessing
+        self.in_channels, self.guard = loaded.in_channels, loaded.guard
 
     def __len__(self) -> int:
         return len(self.scans)
@@ -386,12 +409,16 @@ class _Prepared(Dataset):
         if isinstance(scan, Unusable):
             return {"index": index, "error": scan.error}
         try:
+            refused, modality = self.guard.check(ScanSource.of(scan))
+            if refused:
+                return {"index": index, "error": refused}
             original, source = as_image(scan)
             subject = preprocess_scan(source, original, self.preprocessing, self.in_channels)
         except SCAN_FAILURES as error:
             return {"index": index, "error": failure_message(scan, error)}
         image = subject.image  # (C, W, H, D)
-        return {"index": index, "error": "", "data": image.data, "affine": image.affine}
+        data = {"data": image.data, "affine": image.affine, "modality": modality}
+        return {"index": index, "error": "", **data}
 
 
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
@@ -419,8 +446,7 @@ def predict_to_csv(
     """
     if maps is not None:
         return _predict_with_maps(predictor, scans, output, Path(maps), progress)
-    loaded = predictor.loaded
-    dataset = _Prepared(scans, loaded.preprocessing, loaded.in_channels)
+    dataset = _Prepared(scans, predictor.loaded)
     workers = resolve_workers(num_workers)
     # batch_size=None: collate_fn takes one item, not the list its annotation says
     collate = cast("Callable[[list[Any]], Any]", _as_is)
@@ -432,6 +458,8 @@ def predict_to_csv(
         if item["error"]:
             results[index] = PredictionError(str(_source(scans[index])), item["error"])
             continue
+        if item["modality"] is None:
+            predictor.unknown_modality(scans[index])
         subject = tio.Subject(image=tio.ScalarImage(tensor=item["data"], affine=item["affine"]))
         if pending and (len(pending) == batch_size or _shape(pending[-1][1]) != _shape(subject)):
             _classify(predictor, pending, results)

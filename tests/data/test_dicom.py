@@ -63,6 +63,8 @@ def write_series(
     image_type: str = "ORIGINAL\\PRIMARY\\AXIAL",
     positions: list[tuple[float, float, float]] | None = None,
     orientations: list[tuple[float, ...]] | None = None,
+    modality: str = "MR",
+    description: str = "",
 ) -> sitk.Image:
     """One DICOM file per slice of ``array`` (W, H, D) into ``folder``, named ``names`` (no suffix
     by default), as SimpleITK's "DICOM series from array" example writes them; ``positions`` and
@@ -79,7 +81,8 @@ def write_series(
             )
             d = orientations[k] if orientations else direction
             tags = {
-                "0008|0060": "MR",
+                "0008|0060": modality,
+                "0008|103e": description,
                 "0008|0008": image_type,
                 "0020|000d": STUDY,
                 "0020|000e": uid,

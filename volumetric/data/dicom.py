@@ -97,6 +97,8 @@ class SliceHeader:
     orientation: tuple[float, ...] | None  # ImageOrientationPatient (0020|0037): row, column
     image_type: str  # ImageType (0008|0008), e.g. ORIGINAL\PRIMARY\LOCALIZER
     frames: int  # images in the file (more than 1: a multi-frame file)
+    modality: str = ""  # Modality (0008|0060), e.g. CT, MR, PT
+    description: str = ""  # SeriesDescription (0008|103e)
 
 
 def slice_headers(files: list[Path]) -> list[SliceHeader]:
@@ -118,6 +120,8 @@ def slice_headers(files: list[Path]) -> list[SliceHeader]:
                     orientation=_numbers(reader, "0020|0037", 6),
                     image_type=_text(reader, "0008|0008"),
                     frames=int(size[2]) if len(size) > 2 else 1,
+                    modality=_text(reader, "0008|0060").upper(),
+                    description=_text(reader, "0008|103e"),
                 )
             )
     return headers
@@ -190,6 +194,19 @@ def spacing_problem(slices: list[SliceHeader]) -> str:
             f"slices?); {placed}"
         )
     return f"non-uniform slice spacing ({steps.min():.3g} to {steps.max():.3g} mm); {placed}"
+
+
+def series_headers(folder: Path, uid: str | None, name: str) -> list[SliceHeader]:
+    """The slice headers of series ``uid`` of ``folder`` (see `choose_series`); a
+    VolumetricError naming ``name`` when there is no such series or a file is not DICOM."""
+    uid = choose_series(folder, uid, name)
+    try:
+        return slice_headers(series_files(folder, uid))
+    except RuntimeError as error:
+        raise VolumetricError(
+            f"{name}: cannot read DICOM series {uid}: a file is not a DICOM image "
+            f"({first_line(error)})"
+        ) from None
 
 
 def series_problem(folder: Path, uid: str) -> str:

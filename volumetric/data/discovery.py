@@ -183,7 +183,8 @@ def read_manifest(
         label = (row.get("label") or "").strip() or None
         if labelled and label is None:
             raise VolumetricError(f"{path}:{line}: empty label")
-        source = ScanSource.channels([_image_path(path, line, row, c) for c in columns])
+        modality = (row.get("modality") or "").strip() or None
+        source = ScanSource.channels([_image_path(path, line, row, c) for c in columns], modality)
         key = tuple(p.path.resolve() for p in source.images)
         if key in seen:
             raise VolumetricError(f"{path}:{line}: scan {source} is listed twice")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from volumetric.data.cache import entry_bytes
 from volumetric.data.dataset import ScanDataset, check_header
+from volumetric.data.modality import scan_modality
 from volumetric.data.source import ScanSource
 from volumetric.errors import VolumetricError
 
@@ -108,6 +109,7 @@ class Preflight:
     """The outcome: what each scan's header says, its preprocessed shape, and its problem."""
 
     headers: dict[int, Header | None] = field(default_factory=dict)
+    modalities: dict[int, str | None] = field(default_factory=dict)  # None: unknown (modality.py)
     shapes: dict[int, list[int]] = field(default_factory=dict)  # (C, W, H, D) after preprocessing
     problems: dict[int, str] = field(default_factory=dict)  # index → one-line message
 
@@ -126,6 +128,7 @@ def check_scans(
     paths = [dataset.items[i][0] for i in indices]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         outcomes = list(pool.map(_header_or_problem, paths))
+        result.modalities.update(zip(indices, pool.map(scan_modality, paths)))
     for index, outcome in zip(indices, outcomes):
         if isinstance(outcome, str):
             result.problems[index] = outcome
@@ -231,6 +234,7 @@ def summarize(
         "spacing_mm": _range([h.spacing[:3] for h in headers]),
         "orientation": dict(Counter(h.orientation for h in headers)),
         "channels": dict(Counter(str(h.channels) for h in headers)),
+        "modality": dict(Counter(preflight.modalities.get(i) or "unknown" for i in good)),
         "preprocessed_shape": _range([preflight.shapes[i] for i in good if i in preflight.shapes]),
         "unusable": {str(items[i][0]): preflight.problems[i] for i in sorted(preflight.problems)},
     }
@@ -273,6 +277,7 @@ def screen(
     merged = Preflight()
     for part in gather(mine):
         merged.headers.update(part.headers)
+        merged.modalities.update(part.modalities)
         merged.shapes.update(part.shapes)
         merged.problems.update(part.problems)
     summary = summarize(merged, dataset.items, class_names, roles)

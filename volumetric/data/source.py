@@ -9,7 +9,7 @@ they are resampled onto the first image's grid and stacked as channels (volumetr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,9 +27,11 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ScanSource:
-    """The images of one scan, one per channel; the first one's grid is the scan's grid."""
+    """The images of one scan, one per channel; the first one's grid is the scan's grid.
+    ``modality``: what a manifest's modality column says of it (not part of its identity)."""
 
     images: tuple[ImageRef, ...]
+    modality: str | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, scan: str | Path | ImageRef | ScanSource) -> ScanSource:
@@ -39,8 +41,8 @@ class ScanSource:
         return cls((scan if isinstance(scan, ImageRef) else ImageRef(Path(scan)),))
 
     @classmethod
-    def channels(cls, paths: list[Path]) -> ScanSource:
-        return cls(tuple(ImageRef(Path(p)) for p in paths))
+    def channels(cls, paths: list[Path], modality: str | None = None) -> ScanSource:
+        return cls(tuple(ImageRef(Path(p)) for p in paths), modality)
 
     @property
     def path(self) -> Path:

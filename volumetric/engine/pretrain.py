@@ -36,7 +36,9 @@ from torch import Tensor, nn
 from volumetric.atomic_files import atomic_write_bytes, atomic_write_text
 from volumetric.config import Config
 from volumetric.data.discovery import Unusable, inference_inputs
+from volumetric.data.guard import select_series
 from volumetric.data.loading import batches
+from volumetric.data.series_filter import SeriesFilter
 from volumetric.data.source import Entry, ScanSource
 from volumetric.data.split import stratified_split
 from volumetric.engine.distributed import all_reduce_sum, distributed_session
@@ -131,11 +133,14 @@ def pretraining_entries(
     error, or with ``data.on_bad_scan: skip`` a warning each)."""
     found = inference_inputs(inputs, channels=config.data.channels)
     problems = [item.error for item in found if isinstance(item, Unusable)]
+    series_filter = SeriesFilter.from_config(config.data.series_filter)
+    sources = [s for s in found if not isinstance(s, Unusable)]
+    kept, _ = select_series(series_filter, [Entry(s, PSEUDO_CLASS) for s in sources])
     if problems and config.data.on_bad_scan == "error":
         raise VolumetricError(problems[0] if len(problems) == 1 else f"{problems[0]} (and more)")
     for problem in problems:
         log.warning("left out: %s", problem)
-    entries = [Entry(s, PSEUDO_CLASS) for s in found if not isinstance(s, Unusable)]
+    entries = kept
     if len(entries) < 2:
         raise VolumetricError(f"pretraining needs at least 2 scans, {len(entries)} found")
     return entries, problems

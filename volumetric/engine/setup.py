@@ -29,6 +29,7 @@ from volumetric.config import Config
 from volumetric.data.cache import disk_cache_for
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices
+from volumetric.data.guard import select_series
 from volumetric.data.loading import available_cpus, loader_options, resolve_workers
 from volumetric.data.preflight import screen
 from volumetric.data.sampler import (
@@ -37,6 +38,7 @@ from volumetric.data.sampler import (
     EpochSampler,
     strided_shard,
 )
+from volumetric.data.series_filter import SeriesFilter
 from volumetric.data.source import Entry, ScanSource
 from volumetric.data.split import hash_groups, stratified_split
 from volumetric.device import autocast, autocast_dtype
@@ -107,6 +109,7 @@ class Run:
             training_groups=self.training_groups,
             lineage=self.lineage,
             pretraining=self.pretraining,
+            modalities=sorted(m for m in self.data_summary.get("modality", {}) if m != "unknown"),
         )
 
     def batches_remaining(self) -> int:
@@ -126,7 +129,10 @@ def preprocessing_settings(config: Config) -> dict[str, Any]:
     """What a checkpoint must carry to preprocess a scan exactly as in training (the data section
     less what decides which scans train and which files make a scan, not how one is
     preprocessed; the checkpoint's config keeps those)."""
-    data = {k: v for k, v in asdict(config.data).items() if k not in ("on_bad_scan", "channels")}
+    skipped = ("on_bad_scan", "channels", "series_filter")  # which scans, not how
+    data = {k: v for k, v in asdict(config.data).items() if k not in skipped}
+    if data.get("ct_stats") is None:  # only ct_dataset has them: other caches keep their keys
+        data.pop("ct_stats", None)
     return {**data, "patch_size": config.model.patch_size}
 
 
@@ -151,11 +157,17 @@ def set_up(
     check_run_folder(output_dir, resume)
     init = None if resume else config.train.init  # a resumed run's weights come from last.pt
     initial = load_checkpoint(init) if init else None  # read now: a wrong file fails at once
+    series_filter = SeriesFilter.from_config(config.data.series_filter)
+    train_items, left_out = select_series(series_filter, train_items)
+    if val_items is not None:
+        val_items, more = select_series(series_filter, val_items)
+        left_out.update(more)
     class_names, train_pairs, val_pairs, split = split_data(config, train_items, val_items)
     check_decision_settings(config, class_names, len(val_pairs))
     train_pairs, val_pairs, summary = screen_data(
         config, class_names, train_pairs, val_pairs, world, cache_dir
     )
+    summary["left_out_series"] = left_out  # by data.series_filter, with why
     seed_everything(config.train.seed)
     data = data_loaders(config, train_pairs, val_pairs, world, device, cache_dir)
     arch = config.model.arch
