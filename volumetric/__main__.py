@@ -3,7 +3,7 @@ takes a module can start them, e.g. training on 4 GPUs:
 
     torchrun --nproc_per_node=4 -m volumetric train DATA --output-dir RUN
 
-COMMAND is train, pretrain, evaluate, infer, export, cache or bench; the rest of the line goes to volumetric-COMMAND.
+COMMAND is train, pretrain, plan, evaluate, infer, export, cache or bench; the rest of the line goes to volumetric-COMMAND.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from volumetric.cli import (
     evaluate_main,
     export_main,
     infer_main,
+    plan_main,
     pretrain_main,
     train_main,
 )
@@ -24,6 +25,7 @@ from volumetric.cli import (
 COMMANDS = {
     "train": train_main,
     "pretrain": pretrain_main,
+    "plan": plan_main,
     "evaluate": evaluate_main,
     "infer": infer_main,
     "bench": bench_main,

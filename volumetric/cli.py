@@ -250,6 +250,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         config.train.device = args.device
     if args.init:
         config.train.init = args.init
+    if args.config is None and not args.resume and args.data is not None:
+        _warn_of_defaults(args.data, config)
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
@@ -285,6 +287,21 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if (result.output_dir / "report.html").exists() and report is not None:
         print(f"report: {result.output_dir / 'report.html'}")
     return 0
+
+
+def _warn_of_defaults(data: str, config: Any) -> None:
+    """Training on the built-in defaults: one warning per default that a few of the scans
+    contradict (volumetric/data/plan.py)."""
+    from volumetric.data.discovery import discover
+    from volumetric.data.plan import contradictions, fingerprint
+
+    sources = [entry.source for entry in discover(data, channels=config.data.channels)]
+    try:
+        fp = fingerprint(sources, sample=5, seed=config.train.seed)
+    except VolumetricError:
+        return  # an unreadable scan: the pre-flight names it
+    for line in contradictions(fp, config):
+        log.warning("%s", line)
 
 
 def _train_folds(args: argparse.Namespace, config: Any, report: Any) -> int:
@@ -409,6 +426,67 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     shown = f"validation loss {loss:.4f}" if loss is not None else "no held-out scans"
     print(f"pretrained.pt: epoch {result.best_epoch}, {shown}")
     print(f"fine-tune with: volumetric-train DATA --init {result.output_dir / 'pretrained.pt'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "volumetric-plan",
+        "Propose preprocessing from the data itself (modality, intensities, spacings, sizes): "
+        "write a complete config with a comment on every planned choice.",
+    )
+    parser.add_argument(
+        "data",
+        nargs="+",
+        help="scans: folders (searched recursively; class sub-folders are fine), files, DICOM "
+        "series, or CSV manifests",
+    )
+    parser.add_argument("--output", required=True, help="the config to write, e.g. plan.yaml")
+    parser.add_argument(
+        "--config",
+        action="append",
+        metavar="YAML",
+        help="start from these config files instead of the built-in defaults (repeatable)",
+    )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="read N scans drawn at random (seeded) instead of all of them",
+    )
+    return parser
+
+
+def plan_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, plan_parser(), _plan, allow_overrides=True)
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.atomic_files import atomic_write_text
+    from volumetric.data.discovery import Unusable, inference_inputs
+    from volumetric.data.plan import fingerprint, plan, plan_config, plan_yaml
+
+    if args.sample is not None and args.sample < 1:
+        raise VolumetricError(f"--sample {args.sample}: give a number of scans, 1 or more")
+    base = load_config(args.config, overrides)
+    found = inference_inputs(args.data, channels=base.data.channels)
+    for item in found:
+        if isinstance(item, Unusable):
+            raise VolumetricError(item.error)
+    sources = [s for s in found if not isinstance(s, Unusable)]
+    fp = fingerprint(sources, sample=args.sample, seed=base.train.seed)
+    raw, reasons = plan_config(base, plan(fp, base.model.patch_size))
+    config_from_dict(raw)  # what is written must load
+    atomic_write_text(Path(args.output), plan_yaml(raw, reasons, fp))
+    data = raw["data"]
+    print(
+        f"{fp.scans} scans: {fp.modality} ({fp.modality_source}); intensity {data['intensity']}, "
+        f"spacing {data['spacing']}, target_shape {data['target_shape']}"
+    )
+    print(f"wrote {args.output}: volumetric-train DATA --config {args.output} --output-dir RUN")
     return 0
 
 
@@ -773,6 +851,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "volumetric-train": train_parser,
     "volumetric-pretrain": pretrain_parser,
+    "volumetric-plan": plan_parser,
     "volumetric-evaluate": evaluate_parser,
     "volumetric-infer": infer_parser,
     "volumetric-bench": bench_parser,
