@@ -14,6 +14,12 @@ import csv
 import os
 from pathlib import Path
 
+# Triton's interpreter runs the seq-norm kernels on CPU tensors (tests/layers/test_triton.py). It
+# must be chosen before anything imports triton (torch._dynamo does), so here, first; a machine
+# with CUDA compiles the kernels for real.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import nibabel as nib
 import numpy as np
 import pytest

