@@ -129,3 +129,18 @@ def test_the_package_has_no_import_cycle():
     assert "volumetric.cli" in graph and "volumetric.transforms.preprocess" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " → ".join(cycle or [])
+
+
+def test_the_command_line_and_the_benchmark_load_without_the_image_readers():
+    """The parsers and the benchmark (`volumetric-bench --gpu` on a bare GPU machine, which has
+    PyTorch but not TorchIO or SimpleITK: scripts/gpu_bench.sh carries only MONAI and NiBabel)
+    import neither reader; they load where a scan is read."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, volumetric.cli, volumetric.bench.gpu, volumetric.bench.worker;"
+        "print(sorted({'torchio', 'SimpleITK'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -788,6 +788,14 @@ def bench_parser() -> argparse.ArgumentParser:
         "--memory-cap-gib", type=float, default=20.0, help="skip cases predicted to need more"
     )
     parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU plan: the seq-norm kernel against the bare product and SDPA from 16k to 1M "
+        "tokens, and training and inference on whole 256³ volumes against DenseNet121 and "
+        "MONAI's ViT; each result lands in the report and OUTPUT-gpu.jsonl as it is measured "
+        "(about 8 minutes on one H100; needs CUDA)",
+    )
+    parser.add_argument(
         "--data",
         action="store_true",
         help="only the data pipeline: generated CT scans through pre-flight, cache, loaders, "
@@ -817,6 +825,17 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
 
     device = resolve_device(args.device or "auto")
     command = "volumetric-bench " + " ".join(args.argv)
+    if args.gpu:
+        from volumetric.bench.gpu import run_and_report as run_gpu
+
+        if device.type != "cuda":
+            raise VolumetricError(
+                f"--gpu measures a CUDA device; this run's device is {device} "
+                "(no CUDA device is visible to torch)"
+            )
+        run_gpu(Path(args.output), command.strip())
+        print(f"wrote {args.output}")
+        return 0
     if args.data:
         from volumetric.bench.data import DataBenchSettings, run_and_report
 

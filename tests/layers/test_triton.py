@@ -11,7 +11,7 @@ import torch
 
 from volumetric.layers import seqnorm_triton
 from volumetric.layers.attention_functional import EPS, seqnorm_attention_reference
-from volumetric.layers.seqnorm_kernel import _SeqNormAttentionFn
+from volumetric.layers.seqnorm_kernel import _SeqNormAttentionFn, seqnorm_attention
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -93,3 +93,15 @@ def test_bfloat16_inputs_are_accumulated_in_float32():
         q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double()
     )
     torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+
+
+def test_the_backend_can_be_named_and_a_wrong_name_is_refused():
+    """seqnorm_attention(backend=...) as the benchmark calls it: both backends agree on raw
+    (uncentred) inputs; a name that is no backend is a ValueError naming the choices."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (3.0 + torch.randn(1, 2, 90, 16, generator=generator).to(DEVICE) for _ in range(3))
+    by_torch = seqnorm_attention(q, k, v, backend="torch")
+    by_triton = seqnorm_attention(q, k, v, backend="triton")
+    torch.testing.assert_close(by_triton, by_torch, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="'torch', 'triton'"):
+        seqnorm_attention(q, k, v, backend="cuda")

@@ -1,7 +1,6 @@
-"""Finding scans and labels on disk, splitting them, and serving preprocessed volumes."""
+"""Finding scans and labels on disk, splitting them, and serving preprocessed volumes.
 
-from volumetric.data.dataset import ScanDataset, load_subject
-from volumetric.data.discovery import discover, find_scans
-from volumetric.data.split import stratified_split
-
-__all__ = ["ScanDataset", "discover", "find_scans", "load_subject", "stratified_split"]
+The modules are imported by name (volumetric.data.dataset, .discovery, .split, ...): the package
+itself imports nothing, so that what needs only discovery or a config does not load TorchIO and
+SimpleITK.
+"""

@@ -22,13 +22,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
-import torchio as tio
 
 from volumetric.errors import VolumetricError, first_line
+
+if TYPE_CHECKING:  # TorchIO is imported where a series is read: listing headers needs none of it
+    import torchio as tio
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +283,8 @@ def _as_torchio(image) -> tio.ScalarImage:
     """A SimpleITK image as TorchIO's reader gives it (its voxel layout and RAS affine), with
     float32 voxels as the NIfTI reader gives them (volumetric/data/dataset.py): the same voxels
     read from DICOM or NIfTI are then the same tensor."""
+    import torchio as tio
+
     data, affine = tio.io.sitk_to_nib(image, keepdim=True)  # (C, W, H, D), (4, 4) RAS
     tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
     return tio.ScalarImage(tensor=tensor, affine=affine)

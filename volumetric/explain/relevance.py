@@ -42,15 +42,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchio as tio
 from torch import Tensor
 
 from volumetric.models.vit3d import VolumeTransformer
+
+if TYPE_CHECKING:  # imported where a map is resampled: the CLI's parsers need only STEPS
+    import torchio as tio
 
 
 @dataclass
@@ -135,6 +137,8 @@ def to_input_grid(
 
     Linear interpolation in world space; input voxels the preprocessed grid does not cover get 0.
     """
+    import torchio as tio
+
     image = tio.ScalarImage(
         tensor=voxels[None].cpu().float(), affine=np.asarray(preprocessed_affine, dtype=np.float64)
     )

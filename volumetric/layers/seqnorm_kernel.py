@@ -347,6 +347,7 @@ def seqnorm_attention(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     centre: bool = True,
+    backend: str | None = None,
 ) -> Tensor:
     """Softmax-free sequence-normalized attention, linear in the number of tokens.
 
@@ -362,6 +363,8 @@ def seqnorm_attention(
             that any inputs, raw intensities included, keep float32's precision; False for
             inputs centred already (the attention module centres its tokens), which saves the
             three copies. The result is the same either way: the normalization ignores means.
+        backend: "torch" or "triton" (CUDA tensors only) for the passes over the tokens; None
+            picks Triton on CUDA when it is installed (the benchmark compares the two).
     Returns:
         (B, H, N, d) in the dtype of ``v``; computed in float32 (statistics and products
         accumulated in float32), autocast disabled inside. On CUDA with Triton installed the
@@ -372,7 +375,7 @@ def seqnorm_attention(
     with torch.autocast(device_type=q.device.type, enabled=False):
         if weight is not None:  # and so is bias (check_inputs)
             weight, bias = weight.float(), cast(Tensor, bias).float()
-        backend = _backend(q)
+        backend = _backend(q) if backend is None else _checked_backend(backend, q)
         if backend == "torch" or centre:  # Triton reads bf16/fp16 as they are, in float32
             q, k, v = q.float(), k.float(), v.float()
         if centre:  # autograd carries the gradient through the centring (it sums to zero)
@@ -381,6 +384,16 @@ def seqnorm_attention(
                 v = v - v.mean(dim=-2, keepdim=True)
         out = _SeqNormAttentionFn.apply(q, k, v, weight, bias, eps, normalize_v, backend)
     return out.to(out_dtype)
+
+
+def _checked_backend(backend: str, q: Tensor) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, not {backend!r}")
+    from volumetric.layers.seqnorm_triton import interpreting
+
+    if backend == "triton" and q.device.type != "cuda" and not interpreting():
+        raise ValueError("the triton backend runs on CUDA tensors (or under TRITON_INTERPRET=1)")
+    return backend
 
 
 def _backend(q: Tensor) -> str:

@@ -52,7 +52,7 @@ def available() -> bool:
     return True
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
