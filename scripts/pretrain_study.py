@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--n-train",
                 str(args.pool_scans),
                 "--n-test",
-                "0",
+                "2",  # the least make_demo_data.py writes; the pool's test folder is not used
                 "--seed",
                 str(args.pool_seed),
             ]
