@@ -10,7 +10,9 @@ the model is built as `volumetric-train` would build it with ``--train.seed`` (t
 weights), the first ``--scans`` scans of the folder are preprocessed as in training, and for
 every block the ratio ‖branch‖ / ‖stream‖ is reported: the attention branch's output as added to
 the residual stream (after the LayerScale, where there is one) against the stream it is added
-to, Frobenius norms over the scan's tokens, median over the scans.
+to, Frobenius norms over the scan's tokens, median over the scans; then the same ratio token by
+token in the first block (median, 99th percentile and largest over the tokens): whether a few
+tokens get a branch as large as themselves.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-FORMS: dict[str, list[str]] = {
-    "seqnorm": ["model.attention=seqnorm"],
+FORMS: dict[str, list[str]] = {  # every option written out: the defaults may change
+    "seqnorm, plain": ["model.attention=seqnorm", "model.attention_norm=false"],
     "seqnorm_qk": ["model.attention=seqnorm_qk"],
     "softmax": ["model.attention=softmax"],
-    "affine": ["model.attention=seqnorm", "model.seqnorm_affine=true"],
-    "layer_scale": ["model.attention=seqnorm", "model.layer_scale=0.1"],
-    "attention_norm": ["model.attention=seqnorm", "model.attention_norm=true"],
+    "affine": [
+        "model.attention=seqnorm",
+        "model.attention_norm=false",
+        "model.seqnorm_affine=true",
+    ],
+    "layer_scale": [
+        "model.attention=seqnorm",
+        "model.attention_norm=false",
+        "model.layer_scale=0.1",
+    ],
+    "attention_norm (the default)": ["model.attention=seqnorm", "model.attention_norm=true"],
 }
 
 
@@ -44,6 +54,16 @@ def branch_shares(model: nn.Module, volume: torch.Tensor) -> list[float]:
             shares.append(float(branch.norm() / x.norm()))
             x = block(x)
     return shares
+
+
+def first_block_token_shares(model: nn.Module, volume: torch.Tensor) -> torch.Tensor:
+    """‖branch_i‖ / ‖x_i‖ for every token i of the first block (N,): how evenly the attention
+    branch is spread over the tokens (a share above 1 overwrites the token it is added to)."""
+    block = model.blocks[0]
+    with torch.no_grad():
+        x = model.embed(volume)  # (1, N, C)
+        branch = block.ls1(block.attn(block.norm1(x)))  # (1, N, C)
+    return (branch.norm(dim=-1) / x.norm(dim=-1))[0]  # (N,)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,19 +85,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base = load_config(args.config)
     entries = discover(args.data)[: args.scans]
-    print("| form | " + " | ".join(f"block {i + 1}" for i in range(base.model.depth)) + " |")
-    print("|---|" + "---:|" * base.model.depth)
+    blocks, tokens = [], []
     for name, overrides in forms.items():
         config = config_from_dict(apply_overrides(base.to_dict(), [f"--{o}" for o in overrides]))
         preprocess = build_preprocessing(preprocessing_settings(config), config.model.patch_size)
         seed_everything(args.seed)
         model = build_model("vit3d", model_arguments("vit3d", asdict(config.model), 4)).eval()
-        per_scan = []
+        per_scan, per_token = [], []
         for entry in entries:
             volume = load_subject(entry.source, preprocess).image.data.float()[None]
             per_scan.append(branch_shares(model, volume))
-        medians = [statistics.median(block) for block in zip(*per_scan)]
+            shares = first_block_token_shares(model, volume)  # (N,)
+            q = torch.quantile(shares, torch.tensor([0.5, 0.99]))
+            per_token.append([float(q[0]), float(q[1]), float(shares.max())])
+        blocks.append((name, [statistics.median(block) for block in zip(*per_scan)]))
+        tokens.append((name, [statistics.median(column) for column in zip(*per_token)]))
+
+    print("Whole scan, ‖branch‖ / ‖stream‖ by block (median over the scans)\n")
+    print("| form | " + " | ".join(f"block {i + 1}" for i in range(base.model.depth)) + " |")
+    print("|---|" + "---:|" * base.model.depth)
+    for name, medians in blocks:
         print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in medians) + " |")
+    print("\nToken by token in block 1, ‖branch_i‖ / ‖x_i‖ (median over the scans)\n")
+    print("| form | median token | 99th percentile | largest | largest / median |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (median, p99, largest) in tokens:
+        print(f"| {name} | {median:.3f} | {p99:.3f} | {largest:.3f} | {largest / median:.1f} |")
     return 0
 
 

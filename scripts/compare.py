@@ -95,15 +95,17 @@ TASKS = {
         "four classes of equal size",
     },
 }
-MODELS = {
-    "seqnorm": ["--model.attention=seqnorm"],
+MODELS = {  # the form written out: runs of another version's defaults are not reused
+    "seqnorm": ["--model.attention=seqnorm", "--model.attention_norm=true"],
+    "seqnorm_plain": ["--model.attention=seqnorm", "--model.attention_norm=false"],
     "softmax": ["--model.attention=softmax"],
     "seqnorm_qk": ["--model.attention=seqnorm_qk"],
     "sima": ["--model.attention=sima"],
     "densenet121": ["--model.arch=densenet121"],
 }
 DESCRIPTION = {
-    "seqnorm": "seq-norm ViT, Q, K and V normalized (this method)",
+    "seqnorm": "seq-norm ViT, Q, K and V normalized, output norm (this method's default form)",
+    "seqnorm_plain": "seq-norm ViT, Q, K and V normalized, no output norm (the paper's plain form)",
     "softmax": "softmax ViT (same model, SDPA attention)",
     "seqnorm_qk": "seq-norm ViT, Q and K only",
     "sima": "SimA ViT (L1-normalized Q and K)",

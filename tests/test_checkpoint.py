@@ -16,6 +16,7 @@ from volumetric.checkpoint import (
     save_checkpoint,
 )
 from volumetric.errors import VolumetricError
+from volumetric.models.registry import model_arguments
 from volumetric.models.vit3d import VolumeTransformer
 
 MODEL_ARGS = dict(num_classes=2, patch_size=4, embed_dim=24, depth=1, num_heads=2)
@@ -203,7 +204,7 @@ def test_version_2_seqnorm_loads_as_seqnorm_qk_and_predicts_as_before(named, tmp
         probs = model(x).softmax(-1)
     assert torch.equal(probs, expected)
     # not vacuous: the same weights under today's seqnorm (V normalized too) predict otherwise
-    today = VolumeTransformer(**args, attention="seqnorm").eval()
+    today = VolumeTransformer(**args, attention="seqnorm", attention_norm=False).eval()
     today.load_state_dict(state.weights)
     with torch.no_grad():
         assert not torch.allclose(today(x).softmax(-1), expected, atol=1e-4)
@@ -267,3 +268,26 @@ def test_version_3_densenet_is_left_as_it_was(tmp_path):
     content.update(format_version=3, arch="densenet121", model_args={"num_classes": 2})
     torch.save(content, tmp_path / "d.pt")
     assert load_checkpoint(tmp_path / "d.pt").model_args == {"num_classes": 2}
+
+
+def test_version_4_file_of_the_plain_form_keeps_it_after_the_default_changed(tmp_path):
+    """Format 4 files written before the output norm became seqnorm's default say
+    attention_norm=False: they rebuild without it and predict exactly as saved, while a model
+    configured today records the norm explicitly."""
+    torch.manual_seed(5)
+    args = {**MODEL_ARGS, "depth": 2, "pool": "max", "attention": "seqnorm"}
+    args.update(seqnorm_affine=False, layer_scale=None, attention_norm=False)
+    args.update(stem="patch", drop_path=0.0)
+    before = VolumeTransformer(**args).eval()
+    with torch.no_grad():
+        before.head.weight.mul_(20.0)
+    path = format_2_checkpoint(tmp_path / "best.pt", args, before, format_version=4)
+    x = torch.randn(2, 1, 16, 12, 8)
+    with torch.no_grad():
+        expected = before(x).softmax(-1)
+    model = load_checkpoint(path).build_model()
+    assert not any("out_norm" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(x).softmax(-1), expected)
+    today = model_arguments("vit3d", {"attention": "seqnorm"}, 2)
+    assert today["attention_norm"] is True and today["seqnorm_affine"] is False

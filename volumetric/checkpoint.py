@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from volumetric.atomic_files import atomic_torch_save
 from volumetric.errors import VolumetricError, first_line
-from volumetric.models.registry import ArchitectureSpec, architecture, model_arguments
+from volumetric.models.registry import ArchitectureSpec, architecture
 from volumetric.version import __version__
 
 FORMAT = "volumetric-checkpoint"
@@ -115,7 +115,7 @@ def _upgrade_v1(checkpoint: dict[str, Any]) -> dict[str, Any]:
     args = dict(checkpoint.get("model_args") or {})
     arch = args.pop("arch", "vit3d")
     if arch in ("vit3d", "densenet121"):  # the two architectures version 1 knew
-        args = model_arguments(arch, args, args.get("num_classes", 2))
+        args = architecture(arch).arguments(args, args.get("num_classes", 2), complete=False)
     checkpoint.update(arch=arch, model_args=args, format_version=2)
     training = {key: checkpoint.pop(key) for key in _V1_TRAINING_KEYS if key in checkpoint}
     if "optimizer" in training:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from volumetric.config import (
+    Config,
     apply_overrides,
     config_from_dict,
     config_to_yaml,
@@ -222,6 +223,26 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_of_the_run(args: argparse.Namespace, overrides: list[str]) -> Config:
+    """The config a run being resumed was started with (its last.pt), with today's overrides."""
+    from volumetric.checkpoint import load_checkpoint
+
+    if args.output_dir is None:
+        raise VolumetricError("--resume needs the --output-dir of the run to continue")
+    raw = load_checkpoint(Path(args.output_dir) / "last.pt").config
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def _configure_cpu(config: Config) -> None:
+    """The CPU allocator for a training run: a process-wide choice, so the command's to make,
+    not the library's (see device.py)."""
+    from volumetric.device import configure_cpu_allocator, resolve_device
+
+    if resolve_device(config.train.device).type == "cpu":
+        model = config.model
+        configure_cpu_allocator(memory_saving=model.grad_checkpointing or model.memory_lean)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     return _run(argv, train_parser(), _train, allow_overrides=True)
 
@@ -229,15 +250,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from volumetric.checkpoint import load_checkpoint
     from volumetric.data.discovery import discover
-    from volumetric.device import configure_cpu_allocator, resolve_device
     from volumetric.engine.finetune import model_section_from_init
     from volumetric.engine.train import train
 
     if args.resume and args.config is None:
-        if args.output_dir is None:
-            raise VolumetricError("--resume needs the --output-dir of the run to continue")
-        raw = load_checkpoint(Path(args.output_dir) / "last.pt").config
-        config = config_from_dict(apply_overrides(raw, overrides))
+        config = _config_of_the_run(args, overrides)
     else:
         raw = load_raw_config(args.config, overrides)
         if args.init:
@@ -258,10 +275,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.data is None or args.output_dir is None:
         raise VolumetricError("training needs DATA and --output-dir (see volumetric-train --help)")
     report = _report(args)  # checked before hours of training, not after
-    if resolve_device(config.train.device).type == "cpu":
-        # a process-wide choice, so the command's to make, not the library's (see device.py)
-        model = config.model
-        configure_cpu_allocator(memory_saving=model.grad_checkpointing or model.memory_lean)
+    _configure_cpu(config)
     if args.folds is not None:
         return _train_folds(args, config, report)
     result = train(
@@ -387,15 +401,10 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
-    from volumetric.checkpoint import load_checkpoint
-    from volumetric.device import configure_cpu_allocator, resolve_device
     from volumetric.engine.pretrain import pretrain
 
     if args.resume and args.config is None:
-        if args.output_dir is None:
-            raise VolumetricError("--resume needs the --output-dir of the run to continue")
-        raw = load_checkpoint(Path(args.output_dir) / "last.pt").config
-        config = config_from_dict(apply_overrides(raw, overrides))
+        config = _config_of_the_run(args, overrides)
     else:
         config = load_config(args.config, overrides)
     if args.device:
@@ -407,9 +416,7 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
         raise VolumetricError(
             "pretraining needs DATA and --output-dir (see volumetric-pretrain --help)"
         )
-    if resolve_device(config.train.device).type == "cpu":
-        model = config.model
-        configure_cpu_allocator(memory_saving=model.grad_checkpointing or model.memory_lean)
+    _configure_cpu(config)
     result = pretrain(
         config,
         args.data,

@@ -70,10 +70,13 @@ class ModelConfig:
     # seqnorm: Q, K and V sequence-normalized (the method, linear); seqnorm_qk: Q and K only;
     # sima: SimA's L1-normalized Q and K (linear); softmax: the SDPA reference (quadratic)
     attention: str = "seqnorm"
-    seqnorm_affine: bool = False  # learnable per-feature scale and shift after the normalization
+    # learnable per-feature scale and shift after the normalization; null: the kind's default (off)
+    seqnorm_affine: bool | None = None
     # per-channel gain on each residual branch, started at this value (CaiT); null: none
     layer_scale: float | None = None
-    attention_norm: bool = False  # LayerNorm of the attention output before its projection
+    # LayerNorm of the attention output before its projection; null: the kind's default, on for
+    # seqnorm (the form that trains from scratch, docs/method.md#the-default-form), off otherwise
+    attention_norm: bool | None = None
     stem: str = "patch"  # patch (one Conv3d per patch) or conv (stride-2 3x3x3 convolutions)
     drop_path: float = 0.0  # stochastic depth: the last block's branch skip probability
     dropout: float = 0.0

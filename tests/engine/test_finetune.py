@@ -110,3 +110,22 @@ def test_a_missing_init_checkpoint_is_one_line_before_anything_is_written(
     assert code == 2
     assert_one_line_error(capsys, "volumetric-train", "nope.pt: checkpoint not found")
     assert not run.exists()
+
+
+def test_a_null_form_option_takes_the_init_checkpoints_value():
+    """``attention_norm: null`` (the kind's default, as configs/default.yaml writes it) is not a
+    choice that contradicts the checkpoint: a run from a plain-form model keeps the plain form;
+    an explicit value that differs is the one-line error."""
+    from types import SimpleNamespace
+
+    from volumetric.engine.finetune import model_section_from_init
+
+    init = SimpleNamespace(
+        path="p.pt",
+        arch="vit3d",
+        model_args={"attention": "seqnorm", "attention_norm": False, "seqnorm_affine": False},
+    )
+    section = model_section_from_init({"attention_norm": None, "seqnorm_affine": None}, init)
+    assert section["attention_norm"] is False and section["seqnorm_affine"] is False
+    with pytest.raises(VolumetricError, match="attention_norm"):
+        model_section_from_init({"attention_norm": True}, init)

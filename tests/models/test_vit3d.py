@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
+from volumetric.models.registry import model_arguments
 from volumetric.models.vit3d import VolumeTransformer
 
 
@@ -187,10 +190,10 @@ def test_volume_not_a_multiple_of_patch(volume):
 
 def test_softmax_variant_same_shapes():
     x = torch.randn(2, 1, 8, 12, 16)
-    seq, soft = tiny(attention="seqnorm"), tiny(attention="softmax")
+    seq, soft = tiny(attention="seqnorm", attention_norm=False), tiny(attention="softmax")
     assert soft(x).shape == seq(x).shape == (2, 2)
     assert soft.forward_features(x).shape == seq.forward_features(x).shape == (2, 24, 24)
-    # same parameter layout: the attention kind changes no weights
+    # same parameter layout: the attention kind changes no weights (the form options aside)
     assert [(n, p.shape) for n, p in seq.named_parameters()] == [
         (n, p.shape) for n, p in soft.named_parameters()
     ]
@@ -300,7 +303,7 @@ def test_layer_scale_scales_what_each_branch_adds():
 
 
 def test_layer_scale_off_adds_no_weights():
-    names = {n for n, _ in tiny().named_parameters()}
+    names = {n for n, _ in tiny(attention_norm=False).named_parameters()}
     assert not any(".ls" in n or "out_norm" in n for n in names)
     with_all = {n for n, _ in tiny(layer_scale=0.1, attention_norm=True).named_parameters()}
     assert {"blocks.0.ls1.gamma", "blocks.0.ls2.gamma", "blocks.0.attn.out_norm.weight"} <= with_all
@@ -368,3 +371,36 @@ def test_options_draw_nothing_from_the_rng_but_the_conv_stem():
 def test_bad_option_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         tiny(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "attention,options,expected",
+    [
+        ("seqnorm", {}, {"seqnorm_affine": False, "attention_norm": True}),
+        ("seqnorm", {"attention_norm": False}, {"seqnorm_affine": False, "attention_norm": False}),
+        ("seqnorm", {"seqnorm_affine": True}, {"seqnorm_affine": True, "attention_norm": True}),
+        ("seqnorm_qk", {}, {"seqnorm_affine": False, "attention_norm": False}),
+        ("softmax", {}, {"seqnorm_affine": False, "attention_norm": False}),
+        ("softmax", {"attention_norm": True}, {"seqnorm_affine": False, "attention_norm": True}),
+        ("sima", {}, {"seqnorm_affine": False, "attention_norm": False}),
+    ],
+)
+def test_default_form_depends_on_the_attention_kind(attention, options, expected):
+    """None ("the kind's default") gives seqnorm the attention-output LayerNorm and leaves the
+    reference kinds as published; an explicit value always wins."""
+    model = tiny(attention=attention, **options)
+    block = model.blocks[0]
+    assert isinstance(block.attn.out_norm, torch.nn.LayerNorm) == expected["attention_norm"]
+    affine = getattr(block.attn, "norm_weight", None) is not None
+    assert affine == expected["seqnorm_affine"]
+    arguments = model_arguments("vit3d", {"attention": attention, **options}, 2)
+    assert {k: arguments[k] for k in expected} == expected  # what a checkpoint records
+
+
+def test_null_form_option_in_a_config_is_the_kinds_default():
+    from volumetric.config import config_from_dict
+
+    config = config_from_dict({"model": {"attention_norm": None}})
+    config.validate()
+    assert config.model.attention_norm is None
+    assert model_arguments("vit3d", asdict(config.model), 3)["attention_norm"] is True

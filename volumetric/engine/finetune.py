@@ -21,6 +21,7 @@ from volumetric.checkpoint import Checkpoint
 from volumetric.errors import VolumetricError
 from volumetric.layers.patch_embed import as_triple
 from volumetric.models.registry import architecture
+from volumetric.models.vit3d import FORM_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ def model_section_from_init(model: dict[str, Any], init: Checkpoint) -> dict[str
     naming it (the weights would not fit)."""
     theirs = {**init.model_args, "arch": init.arch}
     same = {k: v for k, v in theirs.items() if k in ARCHITECTURE_KEYS}
+    # a form option at null ("the kind's default") is not set: the checkpoint's value is taken
+    model = {k: v for k, v in model.items() if not (k in FORM_OPTIONS and v is None)}
     differ = [k for k, v in same.items() if k in model and not _same_value(k, model[k], v)]
     if differ:
         mine = ", ".join(f"model.{k}={model[k]!r}" for k in differ)

@@ -38,7 +38,12 @@ from typing import Any
 from torch import nn
 
 from volumetric.errors import VolumetricError
-from volumetric.models.vit3d import VolumeTransformer, check_model_arguments
+from volumetric.models.vit3d import (
+    FORM_OPTIONS,
+    VolumeTransformer,
+    check_model_arguments,
+    resolve_form,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,9 @@ class ArchitectureSpec:
     ``check_config(settings)`` raises a ValueError starting with the key's name for a model-section
     value the architecture cannot use; ``check_input(batch_sizes, shape)`` one for a training input
     it cannot take (``batch_sizes``: every batch size an epoch can have; ``shape``: the smallest
-    (W, H, D) a scan has after preprocessing).
+    (W, H, D) a scan has after preprocessing). ``complete(arguments)`` writes out the values
+    the constructor would otherwise derive (the vit3d form options' ``None``), so that a
+    checkpoint records the model as built.
     """
 
     name: str
@@ -70,13 +77,20 @@ class ArchitectureSpec:
     export_limits: str = "none known"
     check_config: Callable[[Mapping[str, Any]], None] | None = None
     check_input: Callable[[set[int], tuple[int, int, int]], None] | None = None
+    complete: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
-    def arguments(self, settings: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
+    def arguments(
+        self, settings: Mapping[str, Any], num_classes: int, *, complete: bool = True
+    ) -> dict[str, Any]:
         """The constructor's arguments from a config's model section (keys it does not take,
-        such as the ViT's for a CNN, are left out) plus ``num_classes``."""
+        such as the ViT's for a CNN, are left out) plus ``num_classes``, with the values the
+        constructor would derive itself written out by ``complete`` (what a checkpoint stores:
+        a default that changes later must not change a saved model). ``complete=False`` for the
+        upgrade of an old file, whose missing values meant the defaults of its own time."""
         accepted = inspect.signature(self.build).parameters
         chosen = {k: v for k, v in settings.items() if k in accepted and k != "num_classes"}
-        return {"num_classes": num_classes, **chosen}
+        arguments = {"num_classes": num_classes, **chosen}
+        return self.complete(arguments) if complete and self.complete else arguments
 
 
 # ------------------------------------------------------------------------------- the built-ins
@@ -85,6 +99,13 @@ class ArchitectureSpec:
 def _check_vit_config(settings: Mapping[str, Any]) -> None:
     keys = inspect.signature(check_model_arguments).parameters
     check_model_arguments(**{k: v for k, v in settings.items() if k in keys})
+
+
+def _complete_vit_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The form options left at ``None`` replaced by the attention kind's default."""
+    attention = arguments.get("attention", "seqnorm")
+    form = {k: arguments.get(k) for k in FORM_OPTIONS}
+    return {**arguments, **resolve_form(attention, **form)}
 
 
 def densenet121(*, num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
@@ -140,6 +161,7 @@ BUILT_IN = (
         tokens=True,
         export_limits="a volume of a single patch",
         check_config=_check_vit_config,
+        complete=_complete_vit_arguments,
     ),
     ArchitectureSpec(
         name="densenet121",

@@ -28,6 +28,24 @@ from volumetric.layers.pos_embed import sincos_pos_embed_3d
 
 POOLS = ("mean", "max")
 
+FORM_OPTIONS = ("seqnorm_affine", "attention_norm")
+"""Options of the attention's form whose value ``None`` means "the attention kind's default"."""
+
+FORM_DEFAULTS: dict[str, dict[str, bool]] = {"seqnorm": {"attention_norm": True}}
+"""The default form of each attention kind (off where a kind has no entry). ``seqnorm`` trains from
+scratch on every demo task only with one of the stabilizers, the attention-output LayerNorm chosen
+on the validation screens (docs/method.md#the-default-form); ``softmax`` stays the standard
+reference ViT and ``seqnorm_qk``, ``sima`` the published forms."""
+
+
+def resolve_form(attention: str, **options: bool | None) -> dict[str, bool | None]:
+    """``options`` (of `FORM_OPTIONS`) with each ``None`` replaced by ``attention``'s default.
+
+    Checkpoints store the resolved values, so a default that changes later does not change a
+    saved model; other values (a bad one included) pass through for the checks to name."""
+    defaults = FORM_DEFAULTS.get(attention, {})
+    return {k: defaults.get(k, False) if v is None else v for k, v in options.items()}
+
 
 def check_model_arguments(
     *,
@@ -40,11 +58,11 @@ def check_model_arguments(
     attention: str,
     dropout: float,
     pool: str,
-    seqnorm_affine: bool,
+    seqnorm_affine: bool | None,
     stem: str,
     layer_scale: float | None,
     drop_path: float,
-    attention_norm: bool,
+    attention_norm: bool | None,
     num_classes: int = 2,
 ) -> None:
     """Raise a ValueError, starting with the argument's name, for any value VolumeTransformer cannot use.
@@ -78,8 +96,11 @@ def check_model_arguments(
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not one of {sorted(ATTENTION)}")
     for name, flag in [("seqnorm_affine", seqnorm_affine), ("attention_norm", attention_norm)]:
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be true or false, got {flag!r}")
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(
+                f"{name} must be true, false or null (the attention kind's default), got {flag!r}"
+            )
+    seqnorm_affine = resolve_form(attention, seqnorm_affine=seqnorm_affine)["seqnorm_affine"]
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r} is not one of {STEMS}")
     if stem == "conv":
@@ -103,7 +124,10 @@ def check_model_arguments(
 
 
 class VolumeTransformer(nn.Module):
-    """Whole-volume classifier; every argument is keyword-only and checked (ValueError names it)."""
+    """Whole-volume classifier; every argument is keyword-only and checked (ValueError names it).
+
+    ``seqnorm_affine`` and ``attention_norm`` left at ``None`` take the attention kind's default
+    form (`FORM_DEFAULTS`: the attention-output LayerNorm for ``seqnorm``, nothing for the rest)."""
 
     def __init__(
         self,
@@ -120,13 +144,15 @@ class VolumeTransformer(nn.Module):
         grad_checkpointing: bool = False,
         memory_lean: bool = False,
         pool: str = "mean",
-        seqnorm_affine: bool = False,
+        seqnorm_affine: bool | None = None,
         stem: str = "patch",
         layer_scale: float | None = None,
         drop_path: float = 0.0,
-        attention_norm: bool = False,
+        attention_norm: bool | None = None,
     ):
         super().__init__()
+        form = resolve_form(attention, seqnorm_affine=seqnorm_affine, attention_norm=attention_norm)
+        seqnorm_affine, attention_norm = form["seqnorm_affine"], form["attention_norm"]
         check_model_arguments(
             num_classes=num_classes,
             in_channels=in_channels,
@@ -162,8 +188,8 @@ class VolumeTransformer(nn.Module):
                 attention=attention,
                 dropout=dropout,
                 memory_lean=memory_lean,
-                seqnorm_affine=seqnorm_affine,
-                attention_norm=attention_norm,
+                seqnorm_affine=bool(seqnorm_affine),
+                attention_norm=bool(attention_norm),
                 layer_scale=layer_scale,
                 drop_path=drop_path * i / max(1, depth - 1),  # stochastic depth grows with depth
             )
