@@ -195,6 +195,10 @@ class Config:
                 spec.check_config(asdict(m))
             except ValueError as error:  # the message starts with the argument's name
                 raise ConfigError(f"config model.{error}") from None
+        if spec.complete is not None:  # values left to the architecture (null), written out:
+            for key, value in spec.complete(asdict(m)).items():  # a saved config says what ran
+                if hasattr(m, key) and getattr(m, key) != value:
+                    setattr(m, key, value)
         if d.intensity not in INTENSITY_MODES:
             raise ConfigError(
                 f"config data.intensity={d.intensity!r} is not one of {INTENSITY_MODES}"

@@ -171,8 +171,7 @@ def test_config_options_reach_the_model():
     from volumetric.models.registry import build_model, model_arguments
 
     default = load_config(None, [])  # null: the attention kind's default form, off for the affine
-    assert default.model.seqnorm_affine is None
-    assert model_arguments("vit3d", asdict(default.model), num_classes=2)["seqnorm_affine"] is False
+    assert default.model.seqnorm_affine is False and default.model.attention_norm is True
     overrides = ["--model.attention=seqnorm_qk", "--model.seqnorm_affine=true"]
     overrides += ["--model.embed_dim=24", "--model.num_heads=2", "--model.depth=1"]
     config = load_config(None, overrides)

@@ -397,10 +397,12 @@ def test_default_form_depends_on_the_attention_kind(attention, options, expected
     assert {k: arguments[k] for k in expected} == expected  # what a checkpoint records
 
 
-def test_null_form_option_in_a_config_is_the_kinds_default():
+@pytest.mark.parametrize("attention,expected", [("seqnorm", True), ("softmax", False)])
+def test_null_form_option_in_a_config_is_written_out(attention, expected):
+    """A config's null form option becomes the kind's value when the config is validated, so
+    the config a run saves (config.yaml, the checkpoint) says what was built."""
     from volumetric.config import config_from_dict
 
-    config = config_from_dict({"model": {"attention_norm": None}})
-    config.validate()
-    assert config.model.attention_norm is None
-    assert model_arguments("vit3d", asdict(config.model), 3)["attention_norm"] is True
+    config = config_from_dict({"model": {"attention": attention, "attention_norm": None}})
+    assert config.model.attention_norm is expected and config.model.seqnorm_affine is False
+    assert model_arguments("vit3d", asdict(config.model), 3)["attention_norm"] is expected
