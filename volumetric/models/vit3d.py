@@ -6,8 +6,11 @@
 
 With the default ``attention="seqnorm"`` (queries, keys and values sequence-normalized;
 ``seqnorm_qk`` and ``sima`` are the other linear kinds) every block is linear in N, so a whole 256³
-scan in 8³ patches (32,768 tokens) is an ordinary input. ``seqnorm_affine`` adds a learnable
-per-feature scale and shift after the normalization (docs/method.md#sequence-normalization).
+scan in 8³ patches (32,768 tokens) is an ordinary input. By default ``seqnorm`` also normalizes
+the attention output (a LayerNorm before the output projection), without which it does not train
+from scratch on every task (`FORM_DEFAULTS`; docs/method.md#the-default-form). ``seqnorm_affine``
+adds a learnable per-feature scale and shift after the normalization
+(docs/method.md#sequence-normalization).
 
 Pooling: ``pool="mean"`` (the default) suits findings spread over the scan; a small focal finding
 (a lesion, a nodule) is 1/N of a mean, so its signal and its gradient are diluted by the N − 1
