@@ -528,6 +528,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="report.html without paths (scans are numbered) and without images of scans",
     )
+    parser.add_argument(
+        "--allow-modality-mismatch",
+        action="store_true",
+        help="evaluate scans of another modality than the training scans' (DICOM Modality, a "
+        "manifest's modality column or a JSON sidecar); by default they stop it with an error",
+    )
     return parser
 
 
@@ -551,6 +557,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
         device=args.device or "auto",
         loading=loading,
         report=_report(args),
+        allow_modality_mismatch=args.allow_modality_mismatch,
     )
 
     def number(key: str) -> str:

@@ -10,11 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, read_csv, train, write_config, write_scan
+from conftest import (
+    TINY_CONFIG,
+    assert_one_line_error,
+    make_tiny_dataset,
+    read_csv,
+    train,
+    write_config,
+    write_scan,
+)
 from test_dicom import voxels, write_series
 
 from volumetric.checkpoint import load_checkpoint
-from volumetric.cli import infer_main
+from volumetric.cli import evaluate_main, infer_main
 from volumetric.config import config_from_dict
 from volumetric.data.discovery import find_scans, read_manifest
 from volumetric.data.modality import scan_modality
@@ -161,3 +169,36 @@ def test_inference_refuses_another_modality_and_filtered_series(ct_run, tmp_path
         (row,) = read_csv(tmp_path / "q.csv")[1]
         assert "model trained on CT, scan is MR" in row["error"]
         assert infer_main([*argv, "--allow-modality-mismatch"]) == 0
+
+
+def label_modality(data: Path, modality: str) -> Path:
+    """A BIDS-style JSON sidecar stating ``modality`` beside every scan of ``data``."""
+    for scan in data.rglob("*.nii*"):
+        (scan.parent / (scan.name.split(".nii")[0] + ".json")).write_text(
+            json.dumps({"Modality": modality})
+        )
+    return data
+
+
+def test_evaluation_refuses_another_modality_unless_allowed(tiny_dataset, tmp_path, capsys, caplog):
+    """Metrics over scans the model would refuse in use describe nothing: evaluate stops with one
+    line and writes nothing, as inference gives such scans an error row."""
+    run = tmp_path / "run"
+    assert train(label_modality(tiny_dataset, "MR"), run, write_config(tmp_path / "c.yaml")) == 0
+    assert load_checkpoint(run / "best.pt").modalities == ["MR"]
+    ct = label_modality(make_tiny_dataset(tmp_path / "ct"), "CT")
+    out = tmp_path / "eval"
+    argv = [str(run / "best.pt"), str(ct), "--output-dir", str(out), "--no-progress", "--no-report"]
+    capsys.readouterr()
+    assert evaluate_main(argv) == 2
+    assert_one_line_error(
+        capsys, "volumetric-evaluate", "20 of 20 scans", "model trained on MR, scan is CT"
+    )
+    assert not out.exists()
+    assert evaluate_main([*argv, "--allow-modality-mismatch"]) == 0
+    assert (out / "metrics.json").is_file()
+    # scans that state no modality are scored as the model's, with one warning
+    unknown = make_tiny_dataset(tmp_path / "unknown")
+    with caplog.at_level(logging.WARNING, logger="volumetric"):
+        assert evaluate_main([*argv[:1], str(unknown), *argv[2:]]) == 0
+    assert caplog.text.count("its modality is unknown") == 1

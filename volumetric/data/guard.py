@@ -19,6 +19,7 @@ from volumetric.data.loading import available_cpus
 from volumetric.data.modality import scan_modality
 from volumetric.data.series_filter import SeriesFilter
 from volumetric.data.source import Entry, ScanSource
+from volumetric.errors import VolumetricError
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,16 @@ class ScanGuard:
             and modality not in self.modalities
             and not self.allow_mismatch
         ):
-            trained = "/".join(self.modalities)
-            return (
-                f"{source}: model trained on {trained}, scan is {modality} (pass "
-                "--allow-modality-mismatch to score it anyway)",
-                modality,
-            )
+            return self.mismatch(source, modality), modality
         return "", modality
+
+    def mismatch(self, source: object, modality: str) -> str:
+        """Why a scan of ``modality`` is refused."""
+        trained = "/".join(self.modalities)
+        return (
+            f"{source}: model trained on {trained}, scan is {modality} (pass "
+            "--allow-modality-mismatch to score it anyway)"
+        )
 
 
 class UnknownModalityWarning:
@@ -84,3 +88,28 @@ def select_series(
     for problem in left_out.values():
         log.warning("%s", problem)
     return [e for e, p in zip(entries, problems) if not p], left_out
+
+
+def evaluable(guard: ScanGuard, entries: list[Entry]) -> list[Entry]:
+    """The labelled entries a model may be evaluated on. Series the training's filter leaves out
+    are left out, each warned, as training leaves them out; a scan of another known modality than
+    training's is a VolumetricError, before anything is read or written, unless the guard allows
+    it: metrics over scans the model would refuse in use would describe neither."""
+    kept, _ = select_series(guard.series_filter, entries)
+    if not guard.modalities or guard.allow_mismatch or not kept:
+        return kept
+    workers = max(1, min(8, available_cpus()))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # header and sidecar reads: I/O-bound
+        modalities = list(pool.map(lambda e: scan_modality(e.source), kept))
+    other = [
+        (e, m) for e, m in zip(kept, modalities) if m is not None and m not in guard.modalities
+    ]
+    if other:
+        entry, modality = other[0]
+        raise VolumetricError(
+            f"{len(other)} of {len(kept)} scans are of another modality than the model's training "
+            f"scans; the first: {guard.mismatch(entry.source, modality)}"
+        )
+    if None in modalities:
+        UnknownModalityWarning(guard.modalities)(kept[modalities.index(None)].source)
+    return kept

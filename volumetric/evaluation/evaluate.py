@@ -19,6 +19,7 @@ from volumetric.checkpoint import load_checkpoint
 from volumetric.data.cache import disk_cache_for
 from volumetric.data.dataset import ScanDataset
 from volumetric.data.discovery import class_indices, discover
+from volumetric.data.guard import evaluable
 from volumetric.data.loading import (
     DEFAULT_LOADING,
     LoadingOptions,
@@ -128,6 +129,7 @@ def evaluate_checkpoint(
     bootstrap_resamples: int = 1000,
     seed: int = 0,
     report: ReportOptions | None = None,
+    allow_modality_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint, or of an ensemble of several (or of a --folds run's folder), on a
     labelled data set (see ``evaluation_report``).
@@ -141,10 +143,19 @@ def evaluate_checkpoint(
     When the data names groups (a manifest's ``group`` column): the bootstrap draws groups,
     predictions.csv gets a ``group`` column, and a warning is logged when test scans belong to
     groups of the checkpoint's training split (`warn_of_training_groups`).
+
+    Scans the model would refuse in use are not scored (`evaluable`): DICOM series its training's
+    series filter leaves out are left out with a warning; scans of another modality than the
+    training scans' stop the evaluation with an error unless ``allow_modality_mismatch``.
     """
-    loaded = load_model(checkpoint, device=device, precision=precision)
+    loaded = load_model(
+        checkpoint,
+        device=device,
+        precision=precision,
+        allow_modality_mismatch=allow_modality_mismatch,
+    )
     class_names = loaded.class_names
-    entries = discover(data, channels=loaded.channels)
+    entries = evaluable(loaded.guard, discover(data, channels=loaded.channels))
     pairs = class_indices(entries, class_names, data)
     groups = [e.group for e in entries] if any(e.group is not None for e in entries) else None
     if groups:
