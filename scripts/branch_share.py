@@ -21,9 +21,13 @@ import argparse
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING, cast
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from volumetric.layers.block import Block
+    from volumetric.models.vit3d import VolumeTransformer
 
 FORMS: dict[str, list[str]] = {  # every option written out: the defaults may change
     "seqnorm, plain": ["model.attention=seqnorm", "model.attention_norm=false"],
@@ -43,26 +47,30 @@ FORMS: dict[str, list[str]] = {  # every option written out: the defaults may ch
 }
 
 
-def branch_shares(model: nn.Module, volume: torch.Tensor) -> list[float]:
+def attention_branch(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """What ``block`` adds to the stream x (1, N, C) through attention, as Block.forward adds it."""
+    return block.ls1(block.attn(block.norm1(x)))  # (1, N, C)
+
+
+def branch_shares(model: VolumeTransformer, volume: torch.Tensor) -> list[float]:
     """‖attention branch‖ / ‖residual stream‖ for each block of a VolumeTransformer on one
     volume (1, C_in, W, H, D): what the block adds in x + branch, against x."""
     shares: list[float] = []
     x = model.embed(volume)  # (1, N, C)
     with torch.no_grad():
         for block in model.blocks:
-            branch = block.ls1(block.attn(block.norm1(x)))  # (1, N, C), as Block.forward adds it
+            branch = attention_branch(cast("Block", block), x)  # (1, N, C)
             shares.append(float(branch.norm() / x.norm()))
             x = block(x)
     return shares
 
 
-def first_block_token_shares(model: nn.Module, volume: torch.Tensor) -> torch.Tensor:
+def first_block_token_shares(model: VolumeTransformer, volume: torch.Tensor) -> torch.Tensor:
     """‖branch_i‖ / ‖x_i‖ for every token i of the first block (N,): how evenly the attention
     branch is spread over the tokens (a share above 1 overwrites the token it is added to)."""
-    block = model.blocks[0]
     with torch.no_grad():
         x = model.embed(volume)  # (1, N, C)
-        branch = block.ls1(block.attn(block.norm1(x)))  # (1, N, C)
+        branch = attention_branch(cast("Block", model.blocks[0]), x)  # (1, N, C)
     return (branch.norm(dim=-1) / x.norm(dim=-1))[0]  # (N,)
 
 
@@ -90,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_dict(apply_overrides(base.to_dict(), [f"--{o}" for o in overrides]))
         preprocess = build_preprocessing(preprocessing_settings(config), config.model.patch_size)
         seed_everything(args.seed)
-        model = build_model("vit3d", model_arguments("vit3d", asdict(config.model), 4)).eval()
+        arguments = model_arguments("vit3d", asdict(config.model), 4)
+        model = cast("VolumeTransformer", build_model("vit3d", arguments).eval())
         per_scan, per_token = [], []
         for entry in entries:
             volume = load_subject(entry.source, preprocess).image.data.float()[None]

@@ -64,6 +64,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from volumetric.evaluation.comparison import (
     BOOTSTRAP_RESAMPLES,
@@ -79,7 +80,7 @@ from volumetric.evaluation.comparison import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TASKS = {
+TASKS: dict[str, dict[str, Any]] = {
     "lesion": {
         "data": ROOT / "data" / "demo",
         "config": ROOT / "configs" / "demo.yaml",
@@ -192,7 +193,7 @@ def _data_args(data: Path) -> dict | None:
     return _read_json(data / ".demo_args.json")
 
 
-def settings_of(study: Study, model: str, seed: int) -> dict[str, dict]:
+def settings_of(study: Study, model: str, seed: int) -> dict[str, Any]:
     """What a run's training and its test evaluation depend on: a change retrains, or re-evaluates."""
     data_args = _data_args(study.data)
     train_data = (
@@ -305,7 +306,7 @@ def run_one(study: Study, model: str, seed: int) -> dict:
         ]
         train += ["--no-report"] if supports("volumetric-train", "--no-report") else []
         train += ["--resume"] if (run_dir / "last.pt").exists() else []
-        peak_gib = run_command(train)
+        peak_gib: float | None = run_command(train)
         _write_json(run_dir / "compare_train.json", {"peak_memory_gib": peak_gib})
     else:  # trained earlier (then stopped before its evaluation, or the test set changed)
         peak_gib = (_read_json(run_dir / "compare_train.json") or {}).get("peak_memory_gib")

@@ -8,5 +8,5 @@ source scripts/setup_env.sh
 # lint and formatting first: a style slip fails in seconds, not after the whole suite
 ruff check --quiet .
 ruff format --check --quiet .
-mypy  # settings and files in pyproject.toml: the package, volumetric/
+mypy  # settings and files in pyproject.toml: volumetric/, transforms/ and scripts/
 exec python -m pytest "$@"

@@ -24,11 +24,17 @@ class CTDatasetNormalization(tio.IntensityTransform):
                 f"CTDatasetNormalization needs low < high and std > 0, got low={low}, "
                 f"high={high}, std={std}"
             )
-        self.low, self.high, self.mean, self.std = map(float, (low, high, mean, std))
+        # TorchIO rebuilds a transform from the attributes its args_names name, so they keep the
+        # arguments' names; `mean` shadows Transform.mean, a masking method for masking_method=
+        # 'mean', which an IntensityTransform without masking never calls.
+        self.low, self.high = float(low), float(high)
+        self.mean = float(mean)  # type: ignore[method-assign,assignment]
+        self.std = float(std)
+        self._center = float(mean)  # what apply_transform reads: typed, and never a method
         self.args_names = ["low", "high", "mean", "std"]
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         for image in self.get_images(subject):
             data = image.data.float().clamp(self.low, self.high)
-            image.set_data((data - self.mean) / self.std)
+            image.set_data((data - self._center) / self.std)
         return subject

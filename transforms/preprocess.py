@@ -24,7 +24,8 @@ def build_preprocessing(data: dict[str, Any], patch_size: int | list[int]) -> ti
         steps.append(tio.ToCanonical())
     if data.get("spacing") is not None:
         steps.append(tio.Resample(data["spacing"]))
-    patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+    x, y, z = (patch_size,) * 3 if isinstance(patch_size, int) else patch_size
+    patch = (int(x), int(y), int(z))
     steps.append(RequireMinimumShape(patch))
     intensity = data.get("intensity", "zscore")
     if intensity == "zscore":
