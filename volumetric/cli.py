@@ -333,6 +333,8 @@ def _train_folds(args: argparse.Namespace, config: Any, report: Any) -> int:
         cache_dir=args.cache_dir,
         report=report,
     )
+    if result is None:  # under torchrun: rank 0 reports
+        return 0
     summary = result.summary
     for key in ("accuracy", "balanced_accuracy", "auroc"):
         mean, sd = summary["mean_sd"][key]

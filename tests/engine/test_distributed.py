@@ -4,6 +4,7 @@ validation metrics, agreed stops on a signal or a NaN, and exact resumption; the
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -320,3 +321,36 @@ def test_resume_on_one_process(ddp_run, data, tmp_path):
         0.0, abs=1e-12
     )  # the cosine ends with the last epoch
     assert load_checkpoint(run / "last.pt").training["world_size"] == 1
+
+
+@pytest.mark.slow  # two torchrun runs of two folds each
+def test_folds_under_two_processes(data, tmp_path):
+    """--folds under torchrun: every fold trained by both processes, one summary written and
+    printed by rank 0; run again, the finished folds are skipped by both (no deadlock)."""
+    run = tmp_path / "cv"
+    argv = [
+        "-m",
+        "volumetric",
+        "train",
+        str(data["train"]),
+        "--config",
+        str(data["config"]),
+        "--folds",
+        "2",
+        "--output-dir",
+        str(run),
+        "--no-progress",
+        "--no-report",
+    ]
+    done = torchrun(*argv, cwd=data["root"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "folds.json").read_text())
+    assert summary["folds"] == 2
+    for fold in ("fold-1", "fold-2"):
+        assert len(metric_rows(run / fold)) == 2  # both epochs, as one distributed run
+        assert load_checkpoint(run / fold / "best.pt").epoch in (1, 2)
+    reported = [line for line in done.stdout.splitlines() if line.startswith("accuracy over")]
+    assert len(reported) == 1  # rank 0 alone reports
+    again = torchrun(*argv, cwd=data["root"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("done earlier") == 2  # rank 0 logs each skipped fold once

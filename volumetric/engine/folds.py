@@ -18,6 +18,10 @@ When every fold is done, ``RUN`` gets
 
 and ``RUN`` itself is a model: ``volumetric-infer RUN scans/`` and ``volumetric-evaluate RUN
 test/`` use the K fold models as an ensemble (volumetric/ensemble.py).
+
+Under torchrun every process trains every fold, in one process group held for all K (each fold
+an ordinary distributed run); what depends on files (the plan, whether a fold is done) is decided
+by rank 0 and shared, so the processes never disagree, and rank 0 alone writes the summary.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import logging
 import statistics
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ from volumetric.config import Config, config_to_yaml
 from volumetric.data.loading import LoadingOptions
 from volumetric.data.source import Entry
 from volumetric.engine.decide import positive_index, wants_decision
-from volumetric.engine.distributed import is_main
+from volumetric.engine.distributed import all_reduce_max, distributed_session, is_main
 from volumetric.engine.train import train
 from volumetric.ensemble import FOLDS_FILE
 from volumetric.errors import VolumetricError
@@ -133,50 +138,61 @@ def train_folds(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     report: ReportOptions | None = None,
-) -> FoldsResult:
+) -> FoldsResult | None:
     """Train the K folds one after the other (each resumed where it stopped), then write the
-    out-of-fold predictions and the summary (module docstring)."""
-    if not is_main() or _under_torchrun():
-        raise VolumetricError(
-            "--folds trains its folds one after the other in one process: run it without "
-            "torchrun (or train each fold under torchrun with --val)"
-        )
+    out-of-fold predictions and the summary (module docstring). Under torchrun the processes
+    other than rank 0 return None once the last fold is trained."""
     output_dir = Path(output_dir)
     class_names = sorted({e.label for e in items if e.label is not None})
     labels = [class_names.index(e.label) for e in items]  # type: ignore[arg-type]
     folds = fold_splits(labels, [e.group for e in items], k, config.train.seed, class_names)
-    _check_plan(output_dir, _plan(config, items, k))
-    for number, (train_idx, val_idx) in enumerate(folds, start=1):
-        fold_dir = output_dir / f"fold-{number}"
-        if _fold_done(config, fold_dir):
-            log.info("fold %d of %d: done earlier (%s)", number, k, fold_dir)
-            continue
-        log.info(
-            "fold %d of %d: %d training and %d validation scans",
-            number,
-            k,
-            len(train_idx),
-            len(val_idx),
-        )
-        train(
-            config,
-            [items[i] for i in train_idx],
-            [items[i] for i in val_idx],
-            fold_dir,
-            resume=(fold_dir / "last.pt").exists(),
-            progress=progress,
-            cache_dir=cache_dir,
-            report=report,
-        )
+    with distributed_session(config.train.device):
+        _check_plan_on_main(output_dir, _plan(config, items, k))
+        for number, (train_idx, val_idx) in enumerate(folds, start=1):
+            fold_dir = output_dir / f"fold-{number}"
+            if _on_main(_fold_done, config, fold_dir):
+                log.info("fold %d of %d: done earlier (%s)", number, k, fold_dir)
+                continue
+            log.info(
+                "fold %d of %d: %d training and %d validation scans",
+                number,
+                k,
+                len(train_idx),
+                len(val_idx),
+            )
+            train(
+                config,
+                [items[i] for i in train_idx],
+                [items[i] for i in val_idx],
+                fold_dir,
+                resume=(fold_dir / "last.pt").exists(),
+                progress=progress,
+                cache_dir=cache_dir,
+                report=report,
+            )
+    if not is_main():
+        return None
     loading = LoadingOptions(config.train.cache, cache_dir, config.train.num_workers, progress)
     summary = summarize(config, items, labels, class_names, folds, output_dir, loading)
     return FoldsResult(output_dir, summary)
 
 
-def _under_torchrun() -> bool:
-    import os
+def _on_main(decide: Callable[..., bool], *args: Any) -> bool:
+    """``decide(*args)`` as rank 0 answers it, in every process (a collective: all must call
+    it); the other processes do not call ``decide``."""
+    return bool(all_reduce_max([float(is_main() and decide(*args))]).item())
 
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+def _check_plan_on_main(output_dir: Path, plan: dict[str, Any]) -> None:
+    """`_check_plan` by rank 0 alone (it may write the plan); its refusal raised in every process."""
+    problem = ""
+    if is_main():
+        try:
+            _check_plan(output_dir, plan)
+        except VolumetricError as error:
+            problem = str(error)
+    if _on_main(bool, problem):
+        raise VolumetricError(problem or f"{output_dir}: refused by rank 0 (its error says why)")
 
 
 def summarize(
