@@ -253,6 +253,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from volumetric.engine.finetune import model_section_from_init
     from volumetric.engine.train import train
 
+    raw: dict[str, Any] = {}  # what the user set
     if args.resume and args.config is None:
         config = _config_of_the_run(args, overrides)
     else:
@@ -268,6 +269,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.init:
         config.train.init = args.init
     if args.config is None and not args.resume and args.data is not None:
+        _batch_scans_of_one_size(args, config, raw)
         _warn_of_defaults(args.data, config)
     if args.print_config:
         print(config_to_yaml(config), end="")
@@ -301,6 +303,31 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if (result.output_dir / "report.html").exists() and report is not None:
         print(f"report: {result.output_dir / 'report.html'}")
     return 0
+
+
+def _batch_scans_of_one_size(args: argparse.Namespace, config: Any, raw: dict[str, Any]) -> None:
+    """Training on the built-in defaults: when the headers of all the scans (training and --val)
+    say they are of one size, one target shape and batches of several, as volumetric-plan
+    proposes (volumetric/data/plan.py); what the command line sets stays."""
+    from volumetric.data.discovery import discover
+    from volumetric.data.plan import SHARED_SHAPE_BATCH, header_shape
+
+    if "target_shape" in (raw.get("data") or {}) or "batch_size" in (raw.get("train") or {}):
+        return
+    folders = [args.data] + ([args.val] if args.val else [])
+    sources = [e.source for f in folders for e in discover(f, channels=config.data.channels)]
+    shape = header_shape(sources, config)
+    if shape is None:
+        return
+    config.data.target_shape, config.train.batch_size = shape, SHARED_SHAPE_BATCH
+    log.info(
+        "the %d scans are of one size: data.target_shape %s (the largest, padded to a patch "
+        "multiple) and train.batch_size %d, as volumetric-plan proposes; "
+        "--data.target_shape=null --train.batch_size=1 keeps each scan's own grid",
+        len(sources),
+        shape,
+        SHARED_SHAPE_BATCH,
+    )
 
 
 def _warn_of_defaults(data: str, config: Any) -> None:

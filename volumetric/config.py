@@ -86,7 +86,7 @@ class ModelConfig:
     memory_lean: bool = (
         False  # MLP in token chunks, hidden layer recomputed in backward (very long scans)
     )
-    pool: str = "mean"  # mean over tokens (diffuse findings) or max (small focal findings)
+    pool: str = "max"  # max over tokens (small focal findings) or mean (diffuse findings)
     arch: str = (
         "vit3d"  # vit3d (this method) or densenet121 (MONAI's CNN baseline; ViT keys ignored)
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import yaml
@@ -13,8 +14,9 @@ from conftest import write_scan
 
 from volumetric.cli import plan_main, train_main
 from volumetric.config import load_config
-from volumetric.data.plan import Fingerprint, target_spacing
+from volumetric.data.plan import Fingerprint, header_shape, target_spacing
 from volumetric.data.plan import plan as make_plan
+from volumetric.data.source import ScanSource
 
 
 def synthetic_ct(root: Path, thickness=(3.0, 3.0, 3.0)) -> Path:
@@ -105,3 +107,67 @@ def test_bad_plan_arguments(tmp_path, capsys, argv, fragment):
     data = synthetic_mr(tmp_path / "mr")
     assert plan_main([str(data), "--output", str(tmp_path / "p.yaml"), *argv]) == 2
     assert_one_line_error(capsys, "volumetric-plan", fragment)
+
+
+def scans_of(root: Path, shapes, affine=None) -> list[ScanSource]:
+    """One float32 NIfTI per shape; voxel axes along R, A, S (1.5 × 1.5 × 2 mm) unless
+    ``affine`` says otherwise."""
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, shape in enumerate(shapes):
+        path = root / "a" / f"s{i}.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        volume = rng.normal(100, 10, shape).astype(np.float32)
+        nib.save(
+            nib.Nifti1Image(volume, np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine),
+            path,
+        )
+        paths.append(ScanSource.of(path))
+    return paths
+
+
+def test_scans_of_one_size_share_a_padded_shape(tmp_path):
+    config = load_config(None, ["model.patch_size=8"])
+    same = scans_of(tmp_path / "same", [(20, 18, 16), (19, 18, 15)])
+    assert header_shape(same, config) == [24, 24, 16]  # the largest, rounded up: nothing cropped
+    unlike = scans_of(tmp_path / "unlike", [(20, 18, 16), (30, 18, 16)])  # 1.5x on one axis
+    assert header_shape(unlike, config) is None
+    # resampling counts: at 3 mm the 2 mm axis shrinks by a third (16 → 11, padded to 16)
+    assert header_shape(same, load_config(None, ["data.spacing=3.0"])) == [16, 16, 16]
+    assert header_shape([], config) is None
+
+
+def test_the_shared_shape_is_in_the_axis_order_of_reorientation(tmp_path):
+    """A scan stored slice axis first is reoriented to RAS before it is padded: its header's sizes
+    count in RAS order, as the grid preprocessing gives it."""
+    permuted = np.zeros((4, 4))  # voxel axes (S, R, A)
+    permuted[2, 0], permuted[0, 1], permuted[1, 2], permuted[3, 3] = 2.0, 1.5, 1.5, 1.0
+    stored = scans_of(tmp_path / "p", [(16, 24, 18)], affine=permuted)
+    plain = scans_of(tmp_path / "q", [(24, 18, 16)])
+    config = load_config(None, ["model.patch_size=8"])
+    assert header_shape(stored + plain, config) == [24, 24, 16]
+    kept = load_config(None, ["model.patch_size=8", "data.canonical=false"])
+    assert header_shape(stored + plain, kept) is None  # unreoriented, (16, 24, 18) vs (24, 18, 16)
+
+
+def test_training_without_a_config_batches_scans_of_one_size(tmp_path, capsys, caplog):
+    data = tmp_path / "data"
+    scans_of(data, [(20, 18, 16)] * 2)
+    with caplog.at_level(logging.INFO, logger="volumetric"):
+        assert train_main([str(data), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["target_shape"] == [24, 24, 16] and printed["train"]["batch_size"] == 8
+    assert printed["model"]["pool"] == "max"
+    assert "are of one size" in caplog.text
+    # what the command line sets stays, and a config file is taken as it is
+    assert train_main([str(data), "--print-config", "--train.batch_size=1"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["target_shape"] is None and printed["train"]["batch_size"] == 1
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train": {"epochs": 3}}))
+    assert train_main([str(data), "--print-config", "--config", str(config)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["target_shape"] is None
+    # scans of other sizes keep their own grids, batches of one
+    scans_of(tmp_path / "mixed", [(20, 18, 16), (40, 18, 16)])
+    assert train_main([str(tmp_path / "mixed"), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["batch_size"] == 1

@@ -18,7 +18,9 @@ seeded sample of the foreground intensities. `plan` turns it into config values,
   otherwise each scan keeps its grid and batches hold one.
 
 `volumetric-plan DATA --output plan.yaml` writes the whole config with a comment on every planned
-choice; ``volumetric-train`` without ``--config`` warns when the data contradicts its defaults.
+choice. ``volumetric-train`` without ``--config`` warns when the data contradicts its defaults,
+and takes the shared shape itself when every scan's header says the scans are of one size
+(`header_shape`: all the scans, their headers only).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +38,9 @@ import yaml
 
 from volumetric.config import Config, default_augment
 from volumetric.data.dataset import read_scan
+from volumetric.data.loading import available_cpus
 from volumetric.data.modality import scan_modality
+from volumetric.data.preflight import Header, read_header, resampled_size
 from volumetric.data.source import ScanSource
 from volumetric.errors import VolumetricError
 
@@ -47,6 +52,9 @@ ANISOTROPY = 3.0
 """nnU-Net's threshold: an axis this much coarser than the finest is the thick-slice axis."""
 SIMILAR_SIZE = 1.25
 """Resampled sizes within this factor of each other share one target shape and batch together."""
+SHARED_SHAPE_BATCH = 8
+"""Scans of one shape train this many a step: with the built-in model, batches of 8 and max
+pooling learned the regions task from 100 scans where batches of one did not (docs/results.md)."""
 SAMPLE_VOXELS = 20_000
 """Foreground voxels drawn per scan for the intensity statistics."""
 
@@ -167,24 +175,75 @@ def plan(fp: Fingerprint, patch: int | list[int] = 8) -> Plan:
         )
         augment_reason = "the defaults (flip, affine, bias field, noise)"
     train: dict[str, Any] = {}
-    patches = [patch] * 3 if isinstance(patch, int) else list(patch)
     resampled = fp.sizes * fp.spacings / np.asarray(spacing)  # (S, 3) voxels after resampling
-    largest, smallest = resampled.max(axis=0), resampled.min(axis=0)
-    if (largest <= SIMILAR_SIZE * smallest).all():
-        shape = [int(math.ceil(round(n, 3) / p) * p) for n, p in zip(largest, patches)]
+    shape = shared_shape(resampled, patch)
+    if shape is not None:
         data["target_shape"] = shape
-        train["batch_size"] = 8
+        train["batch_size"] = SHARED_SHAPE_BATCH
         reasons["data.target_shape"] = (
             f"the scans resampled are within {SIMILAR_SIZE:g}x of each other: the largest, "
             "rounded up to a patch multiple (padding, no cropping), so that they batch together"
         )
-        reasons["train.batch_size"] = "scans of one shape batch: 8 a step"
+        reasons["train.batch_size"] = f"scans of one shape batch: {SHARED_SHAPE_BATCH} a step"
     else:
         data["target_shape"] = None
         reasons["data.target_shape"] = (
             "the scans differ in size by more than 1.25x: each keeps its own grid (batches of one)"
         )
     return Plan({"data": data, "train": train}, reasons, augment, augment_reason)
+
+
+def shared_shape(resampled: np.ndarray, patch: int | Sequence[int]) -> list[int] | None:
+    """One target shape for scans whose sizes (S, 3), in voxels after resampling, are within
+    `SIMILAR_SIZE` of each other on every axis: the largest, rounded up to a patch multiple
+    (padding, nothing cropped); None when they differ more."""
+    patches = [patch] * 3 if isinstance(patch, int) else list(patch)
+    largest, smallest = resampled.max(axis=0), resampled.min(axis=0)  # (3,), (3,)
+    if not (largest <= SIMILAR_SIZE * smallest).all():
+        return None
+    return [int(math.ceil(round(float(n), 3) / p) * p) for n, p in zip(largest, patches)]
+
+
+def header_shape(sources: Sequence[ScanSource], config: Config) -> list[int] | None:
+    """`shared_shape` of the scans as their headers describe them (no voxel is read), on the grid
+    preprocessing gives them: RAS axis order with ``data.canonical``, ``data.spacing``. None when
+    a header does not say (a DICOM series, a file the pre-flight will refuse or an oblique
+    orientation) or the sizes differ by more than `SIMILAR_SIZE`."""
+    if not sources:
+        return None
+    with ThreadPoolExecutor(max_workers=max(1, min(8, available_cpus()))) as pool:
+        headers = list(pool.map(_header, sources))  # file reads: I/O-bound
+    sizes = []
+    for header in headers:
+        if header is not None and config.data.canonical:
+            header = ras_ordered(header)
+        if header is None:
+            return None
+        sizes.append(resampled_size(header, config.data.spacing))
+    return shared_shape(np.asarray(sizes, dtype=np.float64), config.model.patch_size)
+
+
+def _header(source: ScanSource) -> Header | None:
+    try:
+        return read_header(source)
+    except VolumetricError:
+        return None  # the pre-flight names it
+
+
+def ras_ordered(header: Header) -> Header | None:
+    """The header with its axes in RAS order, as reorientation to RAS+ leaves the grid; None when
+    the orientation is not three distinct anatomical axes."""
+    axis_of = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    codes = header.orientation
+    if len(codes) != 3 or any(code not in axis_of for code in codes):
+        return None
+    axes = [axis_of[code] for code in codes]
+    if sorted(axes) != [0, 1, 2]:
+        return None
+    size, spacing = [0] * 3, [0.0] * 3
+    for i, axis in enumerate(axes):
+        size[axis], spacing[axis] = header.size[i], header.spacing[i]
+    return Header(tuple(size), tuple(spacing), "RAS", header.channels)
 
 
 def plan_config(base: Config, planned: Plan) -> tuple[dict[str, Any], dict[str, str]]:
