@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from volumetric.data.loading import available_cpus
+from volumetric.data.loading import read_in_threads
 from volumetric.data.modality import scan_modality
 from volumetric.data.series_filter import SeriesFilter
 from volumetric.data.source import Entry, ScanSource
@@ -81,9 +80,7 @@ def select_series(
     """The entries ``series_filter`` keeps, and those it leaves out with why (each warned)."""
     if series_filter is None or not entries:
         return entries, {}
-    workers = max(1, min(8, available_cpus()))
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # header reads: I/O-bound
-        problems = list(pool.map(lambda e: series_filter.problem(e.source), entries))
+    problems = read_in_threads(lambda e: series_filter.problem(e.source), entries)
     left_out = {str(e.source): p for e, p in zip(entries, problems) if p}
     for problem in left_out.values():
         log.warning("%s", problem)
@@ -98,9 +95,7 @@ def evaluable(guard: ScanGuard, entries: list[Entry]) -> list[Entry]:
     kept, _ = select_series(guard.series_filter, entries)
     if not guard.modalities or guard.allow_mismatch or not kept:
         return kept
-    workers = max(1, min(8, available_cpus()))
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # header and sidecar reads: I/O-bound
-        modalities = list(pool.map(lambda e: scan_modality(e.source), kept))
+    modalities = read_in_threads(lambda e: scan_modality(e.source), kept)
     other = [
         (e, m) for e, m in zip(kept, modalities) if m is not None and m not in guard.modalities
     ]

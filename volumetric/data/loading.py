@@ -9,10 +9,11 @@ main process as the same one-line `VolumetricError` a single process gives.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.utils.data import default_collate
 
@@ -43,6 +44,17 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_in_threads(read: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[read(item) for item in items]`` over up to 8 threads: for reads of headers and
+    sidecars, which wait on the file system, not on a CPU."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, available_cpus()))) as pool:
+        return list(pool.map(read, items))
 
 
 def resolve_workers(setting: int | str) -> int:

@@ -29,16 +29,16 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import yaml
+from nibabel.orientations import axcodes2ornt
 
 from volumetric.config import Config, default_augment
 from volumetric.data.dataset import read_scan
-from volumetric.data.loading import available_cpus
+from volumetric.data.loading import read_in_threads
 from volumetric.data.modality import scan_modality
 from volumetric.data.preflight import Header, read_header, resampled_size
 from volumetric.data.source import ScanSource
@@ -211,8 +211,7 @@ def header_shape(sources: Sequence[ScanSource], config: Config) -> list[int] | N
     orientation) or the sizes differ by more than `SIMILAR_SIZE`."""
     if not sources:
         return None
-    with ThreadPoolExecutor(max_workers=max(1, min(8, available_cpus()))) as pool:
-        headers = list(pool.map(_header, sources))  # file reads: I/O-bound
+    headers = read_in_threads(_header, sources)
     sizes = []
     for header in headers:
         if header is not None and config.data.canonical:
@@ -233,11 +232,10 @@ def _header(source: ScanSource) -> Header | None:
 def ras_ordered(header: Header) -> Header | None:
     """The header with its axes in RAS order, as reorientation to RAS+ leaves the grid; None when
     the orientation is not three distinct anatomical axes."""
-    axis_of = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
-    codes = header.orientation
-    if len(codes) != 3 or any(code not in axis_of for code in codes):
+    try:
+        axes = [int(axis) for axis in axcodes2ornt(tuple(header.orientation))[:, 0]]  # RAS axis
+    except ValueError:  # a code that is no anatomical direction, e.g. "?"
         return None
-    axes = [axis_of[code] for code in codes]
     if sorted(axes) != [0, 1, 2]:
         return None
     size, spacing = [0] * 3, [0.0] * 3

@@ -12,10 +12,11 @@ from scratch on every task (`FORM_DEFAULTS`; docs/method.md#the-default-form). `
 adds a learnable per-feature scale and shift after the normalization
 (docs/method.md#sequence-normalization).
 
-Pooling: ``pool="mean"`` (the default) suits findings spread over the scan; a small focal finding
-(a lesion, a nodule) is 1/N of a mean, so its signal and its gradient are diluted by the N − 1
-other tokens, and it is learnt far faster with ``pool="max"``, where the strongest token decides
-(measured on the demo data: docs/results.md#mean-against-max-pooling; docs/method.md#the-model).
+Pooling: ``pool="mean"`` (this constructor's default; the config's is ``max``) suits findings spread
+over the scan; a small focal finding (a lesion, a nodule) is 1/N of a mean, so its signal and its
+gradient are diluted by the N − 1 other tokens, and it is learnt far faster with ``pool="max"``,
+where the strongest token decides (measured on the demo data:
+docs/results.md#mean-against-max-pooling; docs/method.md#the-model).
 """
 
 from __future__ import annotations
