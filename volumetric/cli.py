@@ -269,7 +269,9 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.init:
         config.train.init = args.init
     if args.config is None and not args.resume and args.data is not None:
-        _batch_scans_of_one_size(args, config, raw)
+        folders = [args.data] + ([args.val] if args.val else [])
+        sources = [e.source for f in folders for e in discover(f, channels=config.data.channels)]
+        _batch_scans_of_one_size(sources, config, raw)
         _warn_of_defaults(args.data, config)
     if args.print_config:
         print(config_to_yaml(config), end="")
@@ -305,17 +307,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _batch_scans_of_one_size(args: argparse.Namespace, config: Any, raw: dict[str, Any]) -> None:
-    """Training on the built-in defaults: when the headers of all the scans (training and --val)
-    say they are of one size, one target shape and batches of several, as volumetric-plan
-    proposes (volumetric/data/plan.py); what the command line sets stays."""
-    from volumetric.data.discovery import discover
+def _batch_scans_of_one_size(sources: list[Any], config: Any, raw: dict[str, Any]) -> None:
+    """Training or pretraining on the built-in defaults: when the headers of all the scans say
+    they are of one size, one target shape and batches of several, as volumetric-plan proposes
+    (volumetric/data/plan.py); what the command line sets stays."""
     from volumetric.data.plan import SHARED_SHAPE_BATCH, header_shape
 
     if "target_shape" in (raw.get("data") or {}) or "batch_size" in (raw.get("train") or {}):
         return
-    folders = [args.data] + ([args.val] if args.val else [])
-    sources = [e.source for f in folders for e in discover(f, channels=config.data.channels)]
     shape = header_shape(sources, config)
     if shape is None:
         return
@@ -430,14 +429,20 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from volumetric.data.discovery import Unusable, inference_inputs
     from volumetric.engine.pretrain import pretrain
 
+    raw: dict[str, Any] = {}  # what the user set
     if args.resume and args.config is None:
         config = _config_of_the_run(args, overrides)
     else:
-        config = load_config(args.config, overrides)
+        raw = load_raw_config(args.config, overrides)
+        config = config_from_dict(raw)
     if args.device:
         config.train.device = args.device
+    if args.config is None and not args.resume and args.data:
+        found = inference_inputs(args.data, channels=config.data.channels)
+        _batch_scans_of_one_size([s for s in found if not isinstance(s, Unusable)], config, raw)
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0

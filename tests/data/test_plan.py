@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import write_scan
 
-from volumetric.cli import plan_main, train_main
+from volumetric.cli import plan_main, pretrain_main, train_main
 from volumetric.config import load_config
 from volumetric.data.plan import Fingerprint, header_shape, target_spacing
 from volumetric.data.plan import plan as make_plan
@@ -171,3 +171,14 @@ def test_training_without_a_config_batches_scans_of_one_size(tmp_path, capsys, c
     scans_of(tmp_path / "mixed", [(20, 18, 16), (40, 18, 16)])
     assert train_main([str(tmp_path / "mixed"), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["train"]["batch_size"] == 1
+
+
+def test_pretraining_without_a_config_batches_scans_of_one_size(tmp_path, capsys):
+    data = tmp_path / "unlabeled"
+    scans_of(data, [(20, 18, 16), (19, 18, 15)])
+    assert pretrain_main([str(data), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["target_shape"] == [24, 24, 16] and printed["train"]["batch_size"] == 8
+    assert pretrain_main([str(data), "--print-config", "--data.target_shape=null"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["target_shape"] is None and printed["train"]["batch_size"] == 1
