@@ -112,7 +112,7 @@ def test_version_1_file_is_upgraded_when_read():
     raw = torch.load(V1 / "best.pt", weights_only=True)
     assert raw["format_version"] == 1 and "optimizer" in raw  # what the fixture really holds
     state = load_checkpoint(V1 / "best.pt")
-    assert state.format_version == FORMAT_VERSION == 4
+    assert state.format_version == FORMAT_VERSION == 5
     assert state.arch == "vit3d" and "arch" not in state.model_args
     # "seqnorm" meant Q and K normalized then: that form is seqnorm_qk now
     assert raw["model_args"]["attention"] == "seqnorm"
@@ -195,7 +195,7 @@ def test_version_2_seqnorm_loads_as_seqnorm_qk_and_predicts_as_before(named, tmp
         expected = before(x).softmax(-1)
 
     state = load_checkpoint(path)
-    assert state.format_version == 4
+    assert state.format_version == FORMAT_VERSION
     assert state.model_args["attention"] == "seqnorm_qk"
     if named:  # the resolved config of the run says the same
         assert state.config["model"]["attention"] == "seqnorm_qk"
@@ -255,7 +255,7 @@ def test_version_3_file_keeps_its_options_off_whatever_the_defaults(with_affine_
     with torch.no_grad():
         expected = before(x).softmax(-1)
     state = load_checkpoint(path)
-    assert state.format_version == FORMAT_VERSION == 4
+    assert state.format_version == FORMAT_VERSION == 5
     for key, value in VIT_OPTIONS_BEFORE_V4.items():
         assert state.model_args[key] == value, key
         assert state.config["model"][key] == value, key
@@ -291,3 +291,30 @@ def test_version_4_file_of_the_plain_form_keeps_it_after_the_default_changed(tmp
         assert torch.equal(model(x).softmax(-1), expected)
     today = model_arguments("vit3d", {"attention": "seqnorm"}, 2)
     assert today["attention_norm"] is True and today["seqnorm_affine"] is False
+
+
+def test_version_4_conv_stem_keeps_its_channel_norm(tmp_path):
+    """Format 4 conv stems normalized each voxel over its channels; the default is now instance
+    norm, whose parameters have the same names and shapes: the file must say which it was, and
+    it rebuilds with the channel norm and predicts exactly as saved."""
+    torch.manual_seed(6)
+    args = {**MODEL_ARGS, "depth": 2, "pool": "max", "attention": "seqnorm"}
+    args.update(seqnorm_affine=False, layer_scale=None, attention_norm=True)
+    args.update(stem="conv", drop_path=0.0)
+    before = VolumeTransformer(**args, stem_norm="channel").eval()
+    with torch.no_grad():
+        before.head.weight.mul_(20.0)
+    path = format_2_checkpoint(tmp_path / "best.pt", args, before, format_version=4)
+    x = torch.randn(2, 1, 16, 12, 8)
+    with torch.no_grad():
+        expected = before(x).softmax(-1)
+    state = load_checkpoint(path)
+    assert state.model_args["stem_norm"] == state.config["model"]["stem_norm"] == "channel"
+    with torch.no_grad():
+        assert torch.equal(state.build_model()(x).softmax(-1), expected)
+    # not vacuous: the same weights load into today's default stem and predict otherwise
+    today = VolumeTransformer(**args).eval()
+    today.load_state_dict(state.weights)
+    with torch.no_grad():
+        assert not torch.allclose(today(x).softmax(-1), expected, atol=1e-4)
+    assert model_arguments("vit3d", {"stem": "conv"}, 2)["stem_norm"] == "instance"

@@ -345,6 +345,7 @@ def test_data_loading_settings_are_checked(raw, key):
         ({"stem": "conv", "patch_size": 6}, "model.stem='conv' needs every patch_size side"),
         ({"stem": "conv", "patch_size": [8, 8, 3]}, "model.stem='conv'"),
         ({"stem": "hybrid"}, "model.stem='hybrid' is not one of"),
+        ({"stem": "conv", "stem_norm": "batch"}, "model.stem_norm='batch' is not one of"),
         ({"layer_scale": 0}, "model.layer_scale must be a positive number"),
         ({"layer_scale": -1e-4}, "model.layer_scale must be a positive number"),
         ({"drop_path": 1.0}, "model.drop_path must be in [0, 1)"),

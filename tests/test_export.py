@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from volumetric.checkpoint import load_checkpoint, save_checkpoint
+from volumetric.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from volumetric.data.dataset import preprocess_scan, read_scan
 from volumetric.errors import VolumetricError
 from volumetric.export import export_model
@@ -129,7 +129,10 @@ def test_description_and_reference_pair(checkpoint, exported):
     assert not list(checkpoint.parent.glob(".*.tmp"))  # no temporary left behind
     description = json.loads(files[1].read_text())
     assert description["class_names"] == ["healthy", "lesion"]
-    assert description["arch"] == "vit3d" and description["checkpoint_format_version"] == 4
+    assert (
+        description["arch"] == "vit3d"
+        and description["checkpoint_format_version"] == FORMAT_VERSION
+    )
     assert description["preprocessing"] == PREPROCESSING
     assert (
         description["input"]["name"] == "volume"

@@ -33,8 +33,10 @@ default, when ``model_args`` names none) normalized queries and keys only, the k
 ``seqnorm_qk``, since ``seqnorm`` normalizes the values too; up to version 3 a vit3d model had
 no LayerScale, attention-output norm, conv stem or stochastic depth, and its ``model_args`` may
 lack those keys (and ``seqnorm_affine``), whose defaults may be on today: version 4 writes them
-out as they were (off). A change to the format, or to what
-a saved argument means, bumps ``FORMAT_VERSION`` and adds its step to ``_UPGRADES``.
+out as they were (off); up to version 4 the conv stem normalized each voxel over its channels,
+and version 5 writes that out (``stem_norm: channel``) since the default is now instance. A
+change to the format, or to what a saved argument means, bumps ``FORMAT_VERSION`` and adds its
+step to ``_UPGRADES``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from volumetric.models.registry import ArchitectureSpec, architecture
 from volumetric.version import __version__
 
 FORMAT = "volumetric-checkpoint"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 REQUIRED = ("arch", "model_args", "class_names", "preprocessing", "model")
 _V1_TRAINING_KEYS: tuple[str, ...] = ("optimizer", "scheduler", "scaler", "step", "history")
 _V1_TRAINING_KEYS += ("best_score", "best_epoch", "partial", "world_size")
@@ -167,10 +169,24 @@ def _upgrade_v3(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
+def _upgrade_v4(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 → 5: the conv stem's normalization became a choice (``stem_norm``) whose new
+    default, instance, is not what version 4 had; every vit3d model of version 4 and earlier had
+    the per-voxel channel norm, and is rebuilt with it (in ``model_args`` and the resolved config)."""
+    if checkpoint.get("arch") == "vit3d":
+        checkpoint["model_args"] = {"stem_norm": "channel", **(checkpoint.get("model_args") or {})}
+        config = checkpoint.get("config")
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            config["model"] = {"stem_norm": "channel", **config["model"]}
+    checkpoint["format_version"] = 5
+    return checkpoint
+
+
 _UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _upgrade_v1,
     2: _upgrade_v2,
     3: _upgrade_v3,
+    4: _upgrade_v4,
 }
 
 

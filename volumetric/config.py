@@ -78,6 +78,9 @@ class ModelConfig:
     # seqnorm (the form that trains from scratch, docs/method.md#the-default-form), off otherwise
     attention_norm: bool | None = None
     stem: str = "patch"  # patch (one Conv3d per patch) or conv (stride-2 3x3x3 convolutions)
+    # the conv stem's normalization: instance (each channel over the volume: keeps contrast) or
+    # channel (each voxel over its channels: the conv stem of checkpoint formats up to 4)
+    stem_norm: str = "instance"
     drop_path: float = 0.0  # stochastic depth: the last block's branch skip probability
     dropout: float = 0.0
     grad_checkpointing: bool = (

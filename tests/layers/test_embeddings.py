@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from volumetric.layers.patch_embed import ConvStem3d, PatchEmbed3d, as_triple, build_stem
+from volumetric.layers.patch_embed import (
+    STEM_NORMS,
+    ConvStem3d,
+    PatchEmbed3d,
+    as_triple,
+    build_stem,
+)
 from volumetric.layers.pos_embed import sincos_pos_embed_3d
 
 
@@ -189,17 +195,43 @@ def test_conv_stem_token_order_matches_the_grid():
     assert int(change.argmax()) == (1 * 3 + 2) * 4 + 3
 
 
-def test_conv_stem_is_independent_of_the_batch_and_the_rest_of_the_scan():
-    """Per-voxel LayerNorm, no BatchNorm: a scan's tokens do not depend on its batch mates, and a
-    token does not depend on voxels beyond its receptive field."""
+@pytest.mark.parametrize("norm", STEM_NORMS)
+def test_conv_stem_is_independent_of_the_batch(norm):
+    """No BatchNorm: a scan's tokens do not depend on its batch mates, in training mode too."""
     torch.manual_seed(1)
-    stem = ConvStem3d(patch_size=4, in_channels=1, embed_dim=16).train()
+    stem = ConvStem3d(patch_size=4, in_channels=1, embed_dim=16, norm=norm).train()
     x = torch.randn(3, 1, 16, 16, 16)
-    alone, together = stem(x[:1])[0], stem(x)[0]
-    torch.testing.assert_close(alone[0], together[0])
-    far = x[:1].clone()
+    torch.testing.assert_close(stem(x[:1])[0][0], stem(x)[0][0])
+
+
+def test_the_channel_norm_stem_sees_its_receptive_field_only():
+    """Per-voxel LayerNorm: a token does not depend on voxels beyond its receptive field."""
+    torch.manual_seed(1)
+    stem = ConvStem3d(patch_size=4, in_channels=1, embed_dim=16, norm="channel")
+    x = torch.randn(1, 1, 16, 16, 16)
+    far = x.clone()
     far[..., 12:, 12:, 12:] += 10.0  # far corner: tokens of the first patch cannot see it
-    torch.testing.assert_close(stem(far)[0][0, 0], alone[0, 0])
+    torch.testing.assert_close(stem(far)[0][0, 0], stem(x)[0][0, 0])
+
+
+def test_the_instance_norm_stem_keeps_the_contrast_the_channel_norm_stem_loses():
+    """Faint noise everywhere and one bright block: after the first convolution and its norm,
+    the instance norm keeps the block's features several times larger than the noise's, while
+    the per-voxel channel norm makes every voxel's features the same size (the mechanism behind
+    the stem_norm default, docs/method.md#the-model)."""
+    torch.manual_seed(2)
+    x = 0.05 * torch.randn(1, 1, 16, 16, 16)
+    x[..., 4:10, 4:10, 4:10] += 3.0 + 0.05 * torch.randn(6, 6, 6)
+    block = torch.zeros(8, 8, 8, dtype=torch.bool)  # the first convolution halves the grid
+    block[2:5, 2:5, 2:5] = True
+    ratios = {}
+    for norm in STEM_NORMS:
+        stem = ConvStem3d(patch_size=4, in_channels=1, embed_dim=16, norm=norm)
+        with torch.no_grad():
+            size = stem.convs[1](stem.convs[0](x))[0].norm(dim=0)  # (8, 8, 8) per voxel
+        ratios[norm] = float(size[block].mean() / size[~block].mean())
+    assert ratios["instance"] > 5.0
+    assert ratios["channel"] == pytest.approx(1.0, abs=0.05)
 
 
 @pytest.mark.parametrize("patch", [6, (8, 8, 3), 12])
@@ -211,3 +243,8 @@ def test_conv_stem_needs_powers_of_two(patch):
 def test_unknown_stem():
     with pytest.raises(ValueError, match="stem='hybrid'"):
         build_stem("hybrid", patch_size=4, in_channels=1, embed_dim=16)
+
+
+def test_unknown_stem_norm():
+    with pytest.raises(ValueError, match="stem_norm='batch'"):
+        build_stem("conv", patch_size=4, in_channels=1, embed_dim=16, norm="batch")

@@ -108,9 +108,11 @@ ARCHITECTURE_KEYS = (
     "layer_scale",
     "attention_norm",
     "stem",
+    "stem_norm",
     "in_channels",
 )
-"""The model keys that shape the weights: a run started from a checkpoint takes them from it."""
+"""The model keys that shape the weights or what they mean: a run started from a checkpoint
+takes them from it."""
 
 
 def model_section_from_init(model: dict[str, Any], init: Checkpoint) -> dict[str, Any]:

@@ -5,11 +5,22 @@ position embedding, relevance maps on the scan's grid, masking) is the same for 
 
     patch   one Conv3d with kernel = stride = patch: each token is a linear map of its own cube
             (a ViT's patch embedding)
-    conv    a short stack of stride-2 3×3×3 convolutions, each followed by a per-voxel LayerNorm
-            and GELU, then a 1×1×1 projection to the width (Xiao et al., "Early convolutions help
+    conv    a short stack of stride-2 3×3×3 convolutions, each followed by a normalization and
+            GELU, then a 1×1×1 projection to the width (Xiao et al., "Early convolutions help
             transformers see better", 2021; the hybrid stems of medical ViTs): a token sees its
             cube and a margin around it through nonlinear filters, so a finding smaller than a
             patch is not averaged away by one linear map (docs/method.md#the-model)
+
+The conv stem's normalization (``stem_norm``):
+
+    instance  each channel over the whole volume (GroupNorm with one group per channel): the
+              contrast between voxels stays, a bright finding's response stays larger than the
+              background's noise. The default.
+    channel   each voxel over its channels (LayerNorm): every voxel's features come out of one
+              size, so background noise is as loud as anatomy and a finding's contrast is gone;
+              on the demo's regions task the stem then memorized the training scans and stayed
+              at chance on validation (docs/results.md). Kept for checkpoints of format 4 and
+              earlier, which were all trained with it.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 STEMS = ("patch", "conv")
+STEM_NORMS = ("instance", "channel")
 
 
 def as_triple(value: int | tuple[int, int, int] | list[int], name: str) -> tuple[int, int, int]:
@@ -79,9 +91,9 @@ class PatchEmbed3d(nn.Module):
 
 
 class ChannelNorm3d(nn.LayerNorm):
-    """LayerNorm over the channels of each voxel of (B, C, W, H, D). Unlike BatchNorm it does not
-    depend on the batch (the default trains at batch 1) and unlike GroupNorm not on the rest of the
-    scan, so a token's embedding depends on its own receptive field only."""
+    """LayerNorm over the channels of each voxel of (B, C, W, H, D): the ``channel`` stem norm.
+    It depends on neither the batch nor the rest of the scan, but it scales every voxel's feature
+    vector to one size, which throws away the voxel's contrast (see the module's docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(
@@ -89,16 +101,33 @@ class ChannelNorm3d(nn.LayerNorm):
         ).movedim(-1, 1)
 
 
+def stem_norm(kind: str, channels: int) -> nn.Module:
+    """The conv stem's normalization of (B, C, W, H, D) named ``kind`` (one of ``STEM_NORMS``).
+    GroupNorm with C groups is instance normalization with a learnable affine and no running
+    statistics, so training and evaluation compute the same thing at any batch size."""
+    if kind not in STEM_NORMS:
+        raise ValueError(f"stem_norm={kind!r} is not one of {STEM_NORMS}")
+    return nn.GroupNorm(channels, channels) if kind == "instance" else ChannelNorm3d(channels)
+
+
 class ConvStem3d(PatchEmbed3d):
-    """Stride-2 3×3×3 convolutions (+ ChannelNorm3d + GELU) down to the patch grid, then a 1×1×1
-    projection to ``embed_dim``: the same (B, N, C) tokens and grid as `PatchEmbed3d`.
+    """Stride-2 3×3×3 convolutions (+ the ``norm`` named in ``STEM_NORMS`` + GELU) down to the patch
+    grid, then a 1×1×1 projection to ``embed_dim``: the same (B, N, C) tokens and grid as
+    `PatchEmbed3d`.
 
     A patch side p takes log2(p) halvings: with patch 8, three convolutions of widths C/4, C/2, C
     (C = ``embed_dim``; at least 8 channels each); an axis whose side is smaller stops being
     halved earlier (stride 1 there). Patch 1 is the projection alone.
     """
 
-    def __init__(self, *, patch_size: int | tuple[int, int, int], in_channels: int, embed_dim: int):
+    def __init__(
+        self,
+        *,
+        patch_size: int | tuple[int, int, int],
+        in_channels: int,
+        embed_dim: int,
+        norm: str = "instance",
+    ):
         nn.Module.__init__(self)
         self.patch_size = as_triple(patch_size, "patch_size")
         self.in_channels = in_channels
@@ -112,7 +141,7 @@ class ConvStem3d(PatchEmbed3d):
             stride = cast("tuple[int, int, int]", tuple(2 if h > i else 1 for h in halvings))
             layers += [
                 nn.Conv3d(width, out, kernel_size=3, stride=stride, padding=1, bias=False),
-                ChannelNorm3d(out),
+                stem_norm(norm, out),
                 nn.GELU(),
             ]
             width = out
@@ -124,10 +153,18 @@ class ConvStem3d(PatchEmbed3d):
 
 
 def build_stem(
-    stem: str, *, patch_size: int | tuple[int, int, int], in_channels: int, embed_dim: int
+    stem: str,
+    *,
+    patch_size: int | tuple[int, int, int],
+    in_channels: int,
+    embed_dim: int,
+    norm: str = "instance",
 ) -> PatchEmbed3d:
-    """The tokenizer named ``stem`` (one of ``STEMS``)."""
+    """The tokenizer named ``stem`` (one of ``STEMS``); ``norm`` is the conv stem's."""
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r} is not one of {STEMS}")
-    cls = ConvStem3d if stem == "conv" else PatchEmbed3d
-    return cls(patch_size=patch_size, in_channels=in_channels, embed_dim=embed_dim)
+    if stem == "conv":
+        return ConvStem3d(
+            patch_size=patch_size, in_channels=in_channels, embed_dim=embed_dim, norm=norm
+        )
+    return PatchEmbed3d(patch_size=patch_size, in_channels=in_channels, embed_dim=embed_dim)

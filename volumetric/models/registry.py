@@ -102,10 +102,12 @@ def _check_vit_config(settings: Mapping[str, Any]) -> None:
 
 
 def _complete_vit_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The form options left at ``None`` replaced by the attention kind's default."""
+    """The form options left at ``None`` replaced by the attention kind's default, and the conv
+    stem's norm written out (its default changed once; a checkpoint must say which it has)."""
     attention = arguments.get("attention", "seqnorm")
     form = {k: arguments.get(k) for k in FORM_OPTIONS}
-    return {**arguments, **resolve_form(attention, **form)}
+    stem_norm = inspect.signature(VolumeTransformer).parameters["stem_norm"].default
+    return {"stem_norm": stem_norm, **arguments, **resolve_form(attention, **form)}
 
 
 def densenet121(*, num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:

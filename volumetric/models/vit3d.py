@@ -27,7 +27,13 @@ from torch.utils.checkpoint import checkpoint
 
 from volumetric.layers.attention import ATTENTION, supports_affine
 from volumetric.layers.block import Block
-from volumetric.layers.patch_embed import STEMS, as_triple, build_stem, check_conv_stem_patch
+from volumetric.layers.patch_embed import (
+    STEM_NORMS,
+    STEMS,
+    as_triple,
+    build_stem,
+    check_conv_stem_patch,
+)
 from volumetric.layers.pos_embed import sincos_pos_embed_3d
 
 POOLS = ("mean", "max")
@@ -67,6 +73,7 @@ def check_model_arguments(
     layer_scale: float | None,
     drop_path: float,
     attention_norm: bool | None,
+    stem_norm: str = "instance",
     num_classes: int = 2,
 ) -> None:
     """Raise a ValueError, starting with the argument's name, for any value VolumeTransformer cannot use.
@@ -109,6 +116,8 @@ def check_model_arguments(
         raise ValueError(f"stem={stem!r} is not one of {STEMS}")
     if stem == "conv":
         check_conv_stem_patch(patch)
+    if stem_norm not in STEM_NORMS:
+        raise ValueError(f"stem_norm={stem_norm!r} is not one of {STEM_NORMS}")
     if layer_scale is not None and not (
         isinstance(layer_scale, (int, float))
         and not isinstance(layer_scale, bool)
@@ -153,6 +162,7 @@ class VolumeTransformer(nn.Module):
         layer_scale: float | None = None,
         drop_path: float = 0.0,
         attention_norm: bool | None = None,
+        stem_norm: str = "instance",
     ):
         super().__init__()
         form = resolve_form(attention, seqnorm_affine=seqnorm_affine, attention_norm=attention_norm)
@@ -173,6 +183,7 @@ class VolumeTransformer(nn.Module):
             layer_scale=layer_scale,
             drop_path=drop_path,
             attention_norm=attention_norm,
+            stem_norm=stem_norm,
         )
         self.num_classes = num_classes
         self.embed_dim = embed_dim
@@ -183,6 +194,7 @@ class VolumeTransformer(nn.Module):
             patch_size=as_triple(patch_size, "patch_size"),
             in_channels=in_channels,
             embed_dim=embed_dim,
+            norm=stem_norm,
         )
         self.blocks = nn.ModuleList(
             Block(
