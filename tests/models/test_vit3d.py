@@ -106,6 +106,36 @@ def test_grad_checkpointing_same_outputs_and_gradients(attention, memory_lean):
         torch.testing.assert_close(q.grad, p.grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward during one forward pass."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
+def test_grad_checkpointing_recomputes_the_conv_stem():
+    """With checkpointing the conv stem's full-resolution activations are not kept for backward,
+    as the blocks' are not; the gradients stay those of the plain model (tested with every
+    option together below)."""
+    torch.manual_seed(2)
+    plain = tiny(stem="conv", patch_size=4, depth=1)
+    checkpointed = tiny(stem="conv", patch_size=4, depth=1, grad_checkpointing=True)
+    x = torch.randn(1, 1, 32, 32, 32)
+    first_width = plain.patch_embed.convs[0].out_channels
+    activation = (32 // 2) ** 3 * first_width * 4  # one float32 map after the first convolution
+    # without: the first convolution's output, its norm's and GELU's are kept; with: the input
+    # volume (the checkpoint's) and less than one such map
+    assert saved_bytes(plain, x) > 3 * activation
+    assert saved_bytes(checkpointed, x) < x.numel() * 4 + activation
+
+
 def test_grad_checkpointing_inactive_without_grad():
     model = tiny(grad_checkpointing=True).eval()
     with torch.no_grad():

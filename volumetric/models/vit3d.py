@@ -30,6 +30,7 @@ from volumetric.layers.block import Block
 from volumetric.layers.patch_embed import (
     STEM_NORMS,
     STEMS,
+    ConvStem3d,
     as_triple,
     build_stem,
     check_conv_stem_patch,
@@ -222,7 +223,14 @@ class VolumeTransformer(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """(B, C_in, W, H, D) → the tokens entering the first block (B, N, C): patch embedding plus the
         position embedding of the grid ``self.patch_embed.grid(x.shape[2:])``, token n = (i·h + j)·d + k."""
-        tokens, grid = self.patch_embed(x)  # (B, N, C)
+        if (
+            self.grad_checkpointing
+            and torch.is_grad_enabled()
+            and isinstance(self.patch_embed, ConvStem3d)
+        ):  # its full-resolution activations are recomputed in backward, not kept
+            tokens, grid = checkpoint(self.patch_embed, x, use_reentrant=False)  # (B, N, C)
+        else:
+            tokens, grid = self.patch_embed(x)  # (B, N, C)
         return tokens + sincos_pos_embed_3d(grid, self.embed_dim, device=x.device).to(tokens.dtype)
 
     def forward_blocks(self, tokens: Tensor) -> Tensor:
