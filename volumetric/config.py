@@ -77,7 +77,10 @@ class ModelConfig:
     # LayerNorm of the attention output before its projection; null: the kind's default, on for
     # seqnorm (the form that trains from scratch, docs/method.md#the-default-form), off otherwise
     attention_norm: bool | None = None
-    stem: str = "patch"  # patch (one Conv3d per patch) or conv (stride-2 3x3x3 convolutions)
+    # conv (stride-2 3x3x3 convolutions down to the token grid: sees findings smaller than a patch,
+    # docs/results.md) or patch (one Conv3d per patch, a ViT's; the only one for patch sides that
+    # are not powers of two)
+    stem: str = "conv"
     # the conv stem's normalization: instance (each channel over the volume: keeps contrast) or
     # channel (each voxel over its channels: the conv stem of checkpoint formats up to 4)
     stem_norm: str = "instance"

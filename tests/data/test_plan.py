@@ -157,7 +157,7 @@ def test_training_without_a_config_batches_scans_of_one_size(tmp_path, capsys, c
         assert train_main([str(data), "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["target_shape"] == [24, 24, 16] and printed["train"]["batch_size"] == 8
-    assert printed["model"]["pool"] == "max"
+    assert printed["model"]["pool"] == "max" and printed["model"]["stem"] == "conv"
     assert "are of one size" in caplog.text
     # what the command line sets stays, and a config file is taken as it is
     assert train_main([str(data), "--print-config", "--train.batch_size=1"]) == 0

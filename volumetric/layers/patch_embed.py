@@ -48,7 +48,7 @@ def check_conv_stem_patch(patch_size: tuple[int, int, int]) -> None:
     if any(p & (p - 1) for p in patch_size):
         raise ValueError(
             f"stem='conv' needs every patch_size side to be a power of two (1, 2, 4, 8, ...), "
-            f"got {patch_size}"
+            f"got {patch_size}; stem='patch' takes any size"
         )
 
 
