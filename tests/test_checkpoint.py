@@ -178,6 +178,18 @@ def format_2_checkpoint(
     return path
 
 
+def written_as(version: int, tmp_path: Path, args: dict, model: torch.nn.Module):
+    """``model`` (eval, head sharpened so that a changed model shows in its probabilities) saved
+    as a file of format ``version`` with ``args``: (path, an input, the probabilities it gave)."""
+    model.eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)
+    path = format_2_checkpoint(tmp_path / "best.pt", args, model, format_version=version)
+    x = torch.randn(2, 1, 16, 12, 8)
+    with torch.no_grad():
+        return path, x, model(x).softmax(-1)
+
+
 @pytest.mark.parametrize("named", [True, False], ids=["seqnorm", "default"])
 def test_version_2_seqnorm_loads_as_seqnorm_qk_and_predicts_as_before(named, tmp_path):
     """Format 2 files saying attention "seqnorm" (or nothing, the default) hold a model whose
@@ -248,12 +260,7 @@ def test_version_3_file_keeps_its_options_off_whatever_the_defaults(with_affine_
     if with_affine_key:
         args["seqnorm_affine"] = False
     before = VolumeTransformer(**{**VIT_OPTIONS_BEFORE_V4, **args}).eval()
-    with torch.no_grad():
-        before.head.weight.mul_(20.0)
-    path = format_2_checkpoint(tmp_path / "best.pt", args, before, format_version=3)
-    x = torch.randn(2, 1, 16, 12, 8)
-    with torch.no_grad():
-        expected = before(x).softmax(-1)
+    path, x, expected = written_as(3, tmp_path, args, before)
     state = load_checkpoint(path)
     assert state.format_version == FORMAT_VERSION == 5
     for key, value in VIT_OPTIONS_BEFORE_V4.items():
@@ -279,12 +286,7 @@ def test_version_4_file_of_the_plain_form_keeps_it_after_the_default_changed(tmp
     args.update(seqnorm_affine=False, layer_scale=None, attention_norm=False)
     args.update(stem="patch", drop_path=0.0)
     before = VolumeTransformer(**args).eval()
-    with torch.no_grad():
-        before.head.weight.mul_(20.0)
-    path = format_2_checkpoint(tmp_path / "best.pt", args, before, format_version=4)
-    x = torch.randn(2, 1, 16, 12, 8)
-    with torch.no_grad():
-        expected = before(x).softmax(-1)
+    path, x, expected = written_as(4, tmp_path, args, before)
     model = load_checkpoint(path).build_model()
     assert not any("out_norm" in name for name, _ in model.named_parameters())
     with torch.no_grad():
@@ -302,12 +304,7 @@ def test_version_4_conv_stem_keeps_its_channel_norm(tmp_path):
     args.update(seqnorm_affine=False, layer_scale=None, attention_norm=True)
     args.update(stem="conv", drop_path=0.0)
     before = VolumeTransformer(**args, stem_norm="channel").eval()
-    with torch.no_grad():
-        before.head.weight.mul_(20.0)
-    path = format_2_checkpoint(tmp_path / "best.pt", args, before, format_version=4)
-    x = torch.randn(2, 1, 16, 12, 8)
-    with torch.no_grad():
-        expected = before(x).softmax(-1)
+    path, x, expected = written_as(4, tmp_path, args, before)
     state = load_checkpoint(path)
     assert state.model_args["stem_norm"] == state.config["model"]["stem_norm"] == "channel"
     with torch.no_grad():
