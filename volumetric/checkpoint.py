@@ -156,15 +156,22 @@ VIT_OPTIONS_BEFORE_V4 = {
 """The vit3d options as every model before format version 4 had them (absent keys were off)."""
 
 
+def _write_out_vit_values(checkpoint: dict[str, Any], values: dict[str, Any]) -> None:
+    """A vit3d checkpoint's ``values`` written into ``model_args`` and the resolved config's model
+    section wherever the file leaves them out (what it holds stays)."""
+    if checkpoint.get("arch") != "vit3d":
+        return
+    checkpoint["model_args"] = {**values, **(checkpoint.get("model_args") or {})}
+    config = checkpoint.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        config["model"] = {**values, **config["model"]}
+
+
 def _upgrade_v3(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """Version 3 → 4: a vit3d model's options that version 3 could leave out are written as they
     were then (`VIT_OPTIONS_BEFORE_V4`), in ``model_args`` and in the resolved config, so that a
     default that changed later does not change the model the file holds."""
-    if checkpoint.get("arch") == "vit3d":
-        checkpoint["model_args"] = {**VIT_OPTIONS_BEFORE_V4, **(checkpoint.get("model_args") or {})}
-        config = checkpoint.get("config")
-        if isinstance(config, dict) and isinstance(config.get("model"), dict):
-            config["model"] = {**VIT_OPTIONS_BEFORE_V4, **config["model"]}
+    _write_out_vit_values(checkpoint, VIT_OPTIONS_BEFORE_V4)
     checkpoint["format_version"] = 4
     return checkpoint
 
@@ -173,11 +180,7 @@ def _upgrade_v4(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """Version 4 → 5: the conv stem's normalization became a choice (``stem_norm``) whose new
     default, instance, is not what version 4 had; every vit3d model of version 4 and earlier had
     the per-voxel channel norm, and is rebuilt with it (in ``model_args`` and the resolved config)."""
-    if checkpoint.get("arch") == "vit3d":
-        checkpoint["model_args"] = {"stem_norm": "channel", **(checkpoint.get("model_args") or {})}
-        config = checkpoint.get("config")
-        if isinstance(config, dict) and isinstance(config.get("model"), dict):
-            config["model"] = {"stem_norm": "channel", **config["model"]}
+    _write_out_vit_values(checkpoint, {"stem_norm": "channel"})
     checkpoint["format_version"] = 5
     return checkpoint
 

@@ -268,11 +268,13 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         config.train.device = args.device
     if args.init:
         config.train.init = args.init
+    training = validation = None  # discovered once here when the defaults are fitted to them
     if args.config is None and not args.resume and args.data is not None:
-        folders = [args.data] + ([args.val] if args.val else [])
-        sources = [e.source for f in folders for e in discover(f, channels=config.data.channels)]
-        _batch_scans_of_one_size(sources, config, raw)
-        _warn_of_defaults(args.data, config)
+        training = discover(args.data, channels=config.data.channels)
+        validation = discover(args.val, channels=config.data.channels) if args.val else None
+        sources = [e.source for e in training]
+        _batch_scans_of_one_size(sources + [e.source for e in validation or []], config, raw)
+        _warn_of_defaults(sources, config)
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
@@ -282,10 +284,13 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     _configure_cpu(config)
     if args.folds is not None:
         return _train_folds(args, config, report)
+    if training is None:
+        training = discover(args.data, channels=config.data.channels)
+        validation = discover(args.val, channels=config.data.channels) if args.val else None
     result = train(
         config,
-        discover(args.data, channels=config.data.channels),
-        discover(args.val, channels=config.data.channels) if args.val else None,
+        training,
+        validation,
         args.output_dir,
         resume=args.resume,
         progress=not args.no_progress,
@@ -329,13 +334,11 @@ def _batch_scans_of_one_size(sources: list[Any], config: Any, raw: dict[str, Any
     )
 
 
-def _warn_of_defaults(data: str, config: Any) -> None:
-    """Training on the built-in defaults: one warning per default that a few of the scans
-    contradict (volumetric/data/plan.py)."""
-    from volumetric.data.discovery import discover
+def _warn_of_defaults(sources: list[Any], config: Any) -> None:
+    """Training on the built-in defaults: one warning per default that a few of the training
+    scans (``sources``) contradict (volumetric/data/plan.py)."""
     from volumetric.data.plan import contradictions, fingerprint
 
-    sources = [entry.source for entry in discover(data, channels=config.data.channels)]
     try:
         fp = fingerprint(sources, sample=5, seed=config.train.seed)
     except VolumetricError:
