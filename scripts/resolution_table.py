@@ -20,13 +20,17 @@ explicit N×N form, since SDPA's CPU kernel is not counted) and, with ``--time``
 time per epoch (training plus validation on the lesion task's 400 training scans, the median of
 epochs 2 to ``--timing-epochs``) and the peak resident memory of that run, measured here one
 process at a time. Without ``--time`` the timings of an earlier ``--time`` (kept in
-``timings.json`` beside ROWS.yaml) are reused. The plot puts test accuracy (mean over seeds and
-both tasks shown apart) against training time per epoch.
+``timings.json`` beside ROWS.yaml) are reused. A row with ``time: runs`` is not timed again: its
+time per epoch is the median epoch of its own training runs (every epoch of every seed and task,
+each run one process at a time on this machine; both tasks train on 400 scans of one shape) and
+its peak memory their largest, marked "‡" in the table. The plot puts test accuracy (mean over
+seeds and both tasks shown apart) against training time per epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import json
 import os
@@ -110,6 +114,22 @@ def timing(overrides: list[str], epochs: int) -> dict[str, float]:
     return {"epoch_s": statistics.median(seconds[1:]), "peak_gib": usage.ru_maxrss / 2**20}
 
 
+def timing_of_runs(patterns: list[str]) -> dict[str, float] | None:
+    """The median epoch time and the largest peak memory of the finished runs matching
+    ``patterns`` (their metrics.csv and compare_train.json); None when none has finished."""
+    seconds: list[float] = []
+    peaks: list[float] = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(str(Path(pattern) / "compare.json"))):
+            run = Path(path).parent
+            with (run / "metrics.csv").open(newline="") as handle:
+                seconds += [float(r["seconds"]) for r in csv.DictReader(handle)]
+            peaks.append(json.loads((run / "compare_train.json").read_text())["peak_memory_gib"])
+    if not seconds:
+        return None
+    return {"epoch_s": statistics.median(seconds), "peak_gib": max(peaks), "from_runs": True}
+
+
 def accuracy(pattern: str) -> dict[str, list[float]]:
     """Test accuracy and AUROC of every finished run matching ``pattern``."""
     found: dict[str, list[float]] = {"accuracy": [], "auroc": []}
@@ -148,8 +168,11 @@ def section(spec: dict, rows: list[dict], device: str, command: str) -> str:
             f"{row['gflops']:.2f}",
         ]
         timed = row.get("timing")
+        mark = " ‡" if timed and timed.get("from_runs") else ""
         cells += (
-            [f"{timed['epoch_s']:.1f} s", f"{timed['peak_gib']:.2f} GiB"] if timed else ["–", "–"]
+            [f"{timed['epoch_s']:.1f} s{mark}", f"{timed['peak_gib']:.2f} GiB{mark}"]
+            if timed
+            else ["–", "–"]
         )
         for task in ("lesion", "regions"):
             found = row["results"].get(task) or {"accuracy": [], "auroc": []}
@@ -159,6 +182,13 @@ def section(spec: dict, rows: list[dict], device: str, command: str) -> str:
                 mean_sd(found["auroc"]),
             ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if any(row.get("timing") and row["timing"].get("from_runs") for row in rows):
+        lines += [
+            "",
+            "‡ not timed in the pass above: the median epoch of the row's own training runs "
+            "(30 epochs a seed, both tasks, 400 scans of the same shape each, one process at a "
+            "time on the same machine) and their largest peak memory.",
+        ]
     lines += ["", f"![accuracy against training time per epoch]({spec['plot_name']})", ""]
     return "\n".join(lines)
 
@@ -168,26 +198,48 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     from volumetric.atomic_files import atomic_path
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for task, marker in (("lesion", "o"), ("regions", "s")):
-        for row in rows:
-            found, timed = row["results"].get(task), row.get("timing")
+    # a colour per row and a marker per task, named in the legend: labels written beside the
+    # points overlapped where two rows train at the same speed
+    colours = plt.get_cmap("tab10").colors
+    for index, row in enumerate(rows):
+        timed = row.get("timing")
+        for task, marker in (("lesion", "o"), ("regions", "s")):
+            found = row["results"].get(task)
             if not found or not found["accuracy"] or not timed:
                 continue
             mean = statistics.fmean(found["accuracy"])
             sd = statistics.stdev(found["accuracy"]) if len(found["accuracy"]) > 1 else 0.0
-            axes.errorbar(timed["epoch_s"], mean, yerr=sd, marker=marker, capsize=3, ls="none")
-            axes.annotate(
-                f"{row['label']} ({task})",
-                (timed["epoch_s"], mean),
-                fontsize=7,
-                xytext=(4, 4),
-                textcoords="offset points",
+            axes.errorbar(
+                timed["epoch_s"],
+                mean,
+                yerr=sd,
+                marker=marker,
+                color=colours[index % len(colours)],
+                capsize=3,
+                ls="none",
             )
+    handles = [
+        Line2D([], [], color=colours[i % len(colours)], marker="D", ls="none", label=row["label"])
+        for i, row in enumerate(rows)
+        if row.get("timing") and any(f and f["accuracy"] for f in row["results"].values())
+    ]
+    handles += [
+        Line2D([], [], color="grey", marker=m, ls="none", label=f"{task} task")
+        for task, m in (("lesion", "o"), ("regions", "s"))
+    ]
+    axes.legend(handles=handles, fontsize=7, loc="lower right")
     axes.set_xscale("log")
+    # plain seconds as tick labels (a log axis over one decade would label 2×10¹, 3×10¹)
+    low, high = axes.get_xlim()
+    axes.set_xticks([t for t in (5, 10, 15, 20, 30, 50, 100, 200, 500) if low <= t <= high])
+    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("training time per epoch (s, log scale)")
     axes.set_ylabel("test accuracy (1,000 scans)")
     axes.grid(alpha=0.3)
@@ -195,6 +247,26 @@ def plot(rows: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
+
+
+def table_row(row: dict, root: Path, timed: dict[str, float] | None) -> dict:
+    """One row of the table: the model's tokens and cost, its timing (``timed`` from a timing
+    pass, or its own runs' for ``time: runs``) and its test results per task."""
+    overrides = list(row.get("overrides") or [])
+    _, config = model_of(overrides)
+    patch = config.model.patch_size
+    patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
+    tokens = 1
+    for side, p in zip(SCAN_SHAPE, patch):
+        tokens *= side // p
+    runs = {task: str(root / pattern) for task, pattern in row["runs"].items()}
+    return {
+        "label": row["label"],
+        "tokens": tokens if config.model.arch == "vit3d" else "–",
+        **cost(overrides),
+        "timing": timing_of_runs(list(runs.values())) if row.get("time") == "runs" else timed,
+        "results": {task: accuracy(pattern) for task, pattern in runs.items()},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,25 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for row in spec["rows"]:
         overrides = list(row.get("overrides") or [])
-        model, config = model_of(overrides)
-        patch = config.model.patch_size
-        patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
-        tokens = 1
-        for s, p in zip(SCAN_SHAPE, patch):
-            tokens *= s // p
         key = " ".join(overrides)
-        if args.time and row.get("time", True):
+        if args.time and row.get("time", True) not in (False, "runs"):
             timings[key] = timing(overrides, args.timing_epochs)
             timings_path.write_text(json.dumps(timings, indent=2) + "\n")
-        rows.append(
-            {
-                "label": row["label"],
-                "tokens": tokens if config.model.arch == "vit3d" else "–",
-                **cost(overrides),
-                "timing": timings.get(key),
-                "results": {task: accuracy(str(root / p)) for task, p in row["runs"].items()},
-            }
-        )
+        rows.append(table_row(row, root, timings.get(key)))
     from volumetric.bench.report import machine_description, write_markdown
 
     command = shlex.join(["python", "scripts/resolution_table.py", *(argv or sys.argv[1:])])

@@ -1,0 +1,46 @@
+"""scripts/resolution_table.py: timings taken from a row's own training runs and how the table
+marks them, on constructed run folders; no training."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import resolution_table  # noqa: E402
+
+
+def write_run(folder: Path, seconds: list[float], peak: float, finished: bool = True) -> None:
+    folder.mkdir(parents=True)
+    rows = ["epoch,train_loss,seconds", *(f"{i + 1},0.5,{s}" for i, s in enumerate(seconds))]
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (folder / "compare_train.json").write_text(json.dumps({"peak_memory_gib": peak}))
+    if finished:
+        (folder / "compare.json").write_text(json.dumps({"test": {"accuracy": 0.9, "auroc": 1}}))
+
+
+def test_timing_of_runs_pools_every_epoch_of_the_finished_runs(tmp_path):
+    write_run(tmp_path / "lesion" / "m-s0", [30.0, 10.0, 11.0], peak=1.5)
+    write_run(tmp_path / "regions" / "m-s0", [12.0, 13.0], peak=2.5)
+    write_run(tmp_path / "regions" / "m-s1", [99.0, 99.0, 99.0], peak=9.0, finished=False)
+    timed = resolution_table.timing_of_runs(
+        [str(tmp_path / "lesion" / "m-s*"), str(tmp_path / "regions" / "m-s*")]
+    )
+    # median of 30, 10, 11, 12, 13; the unfinished run's epochs and peak are left out
+    assert timed == {"epoch_s": 12.0, "peak_gib": 2.5, "from_runs": True}
+    assert resolution_table.timing_of_runs([str(tmp_path / "none-s*")]) is None
+
+
+def test_section_marks_timings_from_runs():
+    results = {"lesion": {"accuracy": [0.9], "auroc": [0.95]}}
+    row = {"tokens": 640, "parameters_m": 0.5, "gflops": 1.0, "results": results}
+    rows = [
+        {**row, "label": "timed", "timing": {"epoch_s": 10.0, "peak_gib": 1.0}},
+        {**row, "label": "runs", "timing": {"epoch_s": 20.0, "peak_gib": 2.0, "from_runs": True}},
+    ]
+    text = resolution_table.section({"plot_name": "p.png"}, rows, "this CPU", "cmd")
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "10.0 s |" in lines["| timed"] and "‡" not in lines["| timed"]
+    assert "20.0 s ‡" in lines["| runs"] and "2.00 GiB ‡" in lines["| runs"]
+    assert "‡ not timed in the pass above" in text
