@@ -432,8 +432,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
-    from volumetric.data.discovery import Unusable, inference_inputs
-    from volumetric.engine.pretrain import pretrain
+    from volumetric.engine.pretrain import pretrain, pretraining_entries
 
     raw: dict[str, Any] = {}  # what the user set
     if args.resume and args.config is None:
@@ -443,9 +442,10 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
         config = config_from_dict(raw)
     if args.device:
         config.train.device = args.device
+    entries = None  # the scans, found once: for the shared shape and for the pretraining
     if args.config is None and not args.resume and args.data:
-        found = inference_inputs(args.data, channels=config.data.channels)
-        _batch_scans_of_one_size([s for s in found if not isinstance(s, Unusable)], config, raw)
+        entries, _ = pretraining_entries(args.data, config)
+        _batch_scans_of_one_size([e.source for e in entries], config, raw)
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
@@ -458,6 +458,7 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
         config,
         args.data,
         args.output_dir,
+        entries=entries,
         resume=args.resume,
         progress=not args.no_progress,
         cache_dir=args.cache_dir,

@@ -14,6 +14,7 @@ from conftest import write_scan
 
 from volumetric.cli import plan_main, pretrain_main, train_main
 from volumetric.config import load_config
+from volumetric.data.discovery import inference_inputs
 from volumetric.data.plan import Fingerprint, header_shape, target_spacing
 from volumetric.data.plan import plan as make_plan
 from volumetric.data.source import ScanSource
@@ -182,3 +183,26 @@ def test_pretraining_without_a_config_batches_scans_of_one_size(tmp_path, capsys
     assert pretrain_main([str(data), "--print-config", "--data.target_shape=null"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["target_shape"] is None and printed["train"]["batch_size"] == 1
+
+
+def test_pretraining_without_a_config_finds_its_scans_once(tmp_path, monkeypatch):
+    import volumetric.data.discovery as discovery
+    import volumetric.engine.pretrain as pretraining
+
+    data = tmp_path / "unlabeled"
+    scans_of(data, [(20, 18, 16)] * 4)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return inference_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "inference_inputs", counted)
+    monkeypatch.setattr(discovery, "inference_inputs", counted)  # imported at the call
+    tiny = ["--model.patch_size=4", "--model.embed_dim=16", "--model.depth=1"]
+    tiny += ["--model.num_heads=2", "--pretrain.epochs=1", "--pretrain.decoder_dim=16"]
+    tiny += ["--pretrain.decoder_depth=1", "--pretrain.decoder_heads=2"]
+    run = tmp_path / "run"
+    argv = [str(data), "--output-dir", str(run), "--no-progress", "--no-report", *tiny]
+    assert pretrain_main(argv) == 0
+    assert len(calls) == 1 and (run / "pretrained.pt").is_file()

@@ -230,14 +230,18 @@ def pretrain(
     inputs: Sequence[str | Path],
     output_dir: str | Path,
     *,
+    entries: list[Entry] | None = None,
     resume: bool = False,
     progress: bool = True,
     cache_dir: str | Path | None = None,
     report: bool = True,
 ) -> PretrainResult:
     """Masked-volume pretraining on the scans of ``inputs``; writes the run folder (module
-    docstring). ``report``: rank 0 writes reconstructions.png and report.html at the end."""
-    entries, _ = pretraining_entries(inputs, config)
+    docstring). ``entries``: those scans as `pretraining_entries` found them, when the caller
+    has them already (else found here). ``report``: rank 0 writes reconstructions.png and
+    report.html at the end."""
+    if entries is None:
+        entries, _ = pretraining_entries(inputs, config)
     with distributed_session(config.train.device) as (world, device):
         run = set_up_pretraining(
             config,
