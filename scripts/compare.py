@@ -32,7 +32,10 @@ overrides (e.g. ``--variant ls01 model.layer_scale=0.1``), usable in ``--models`
 ``--validation-only`` is the screen used to choose settings: nothing is evaluated on the test
 scans; each run is read from its metrics.csv (best validation balanced accuracy, the training
 loss at epochs 1, 10 and the last), and a form whose training loss is still above
-``--loss-limit`` (1.3, ln 4 ≈ 1.39 being chance on four classes) at epoch 10 on any seed is out.
+``--loss-limit`` (1.3, ln 4 ≈ 1.39 being chance on four classes) at epoch 10 on any seed is out,
+and so is one that does not generalize: a best validation balanced accuracy below halfway from
+chance (one over the classes) to 1 on any seed. The second rule catches what the first cannot, a
+model that memorizes its training scans (its loss falls fastest).
 ``--train-data`` trains on another folder than ``<data>/train`` (e.g. a subset of it).
 
 The section gives, per model, the mean and sample standard deviation over seeds of the test
@@ -260,8 +263,10 @@ def validation_record(run_dir: Path) -> dict:
     scores = curve["val_balanced_accuracy"]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first best epoch
     seconds = [float(row["seconds"]) for row in rows]
+    summary = _read_json(run_dir / "dataset_summary.json") or {}
     return {
         "curve": curve,
+        "classes": len(summary.get("per_class") or {}) or None,
         "best_val_balanced_accuracy": scores[best],
         "best_epoch": best + 1,
         "epochs": len(rows),
@@ -504,10 +509,24 @@ def _at(values: list[float], epoch: int) -> float:
     return values[epoch - 1] if len(values) >= epoch else math.nan
 
 
+def screen_out(study: Study, records: list[dict]) -> list[str]:
+    """Why a screened model is out, one reason per rule broken on some seed: its training loss
+    above the limit at epoch 10, or its best validation balanced accuracy below halfway from
+    chance (1 / classes) to 1."""
+    reasons = []
+    if any(_at(r["curve"]["train_loss"], 10) > study.loss_limit for r in records):
+        reasons.append(f"out (training loss above {study.loss_limit} at epoch 10)")
+    floors = [(1 + 1 / r["classes"]) / 2 for r in records if r.get("classes")]
+    scores = [r["best_val_balanced_accuracy"] for r in records if r.get("classes")]
+    if any(score < floor for score, floor in zip(scores, floors)):
+        reasons.append(f"out (validation balanced accuracy below {min(floors):.3f})")
+    return reasons
+
+
 def screen_report(study: Study) -> str:
     """The section of a ``--validation-only`` screen: per model, the best validation balanced
     accuracy over seeds (mean ± sd), the training loss at epochs 1, 10 and the last, and whether
-    the model is out (training loss above the limit at epoch 10 on some seed); then every run."""
+    the model is out (`screen_out`)."""
     import torch
 
     from volumetric.bench.report import machine_description
@@ -538,7 +557,6 @@ def screen_report(study: Study) -> str:
         if not records:
             continue
         losses = [r["curve"]["train_loss"] for r in records]
-        out = any(_at(loss, 10) > study.loss_limit for loss in losses)
         shown = "; ".join(
             " / ".join(_fmt(_at(loss, e), ".2f") for e in (1, 10, last)) for loss in losses
         )
@@ -546,12 +564,15 @@ def screen_report(study: Study) -> str:
             f"| {study.describe(model)} | {len(records)} | "
             f"{format_mean_sd([r['best_val_balanced_accuracy'] for r in records])} | "
             f"{format_mean_sd([_at(r['curve']['val_loss'], last) for r in records])} | {shown} | "
-            f"{f'out (above {study.loss_limit} at epoch 10)' if out else '–'} |"
+            f"{'; '.join(screen_out(study, records)) or '–'} |"
         )
     lines += [
         "",
         "Best validation balanced accuracy: the highest of the run's epochs (what picks best.pt), "
-        "mean ± sample standard deviation over the seeds.",
+        "mean ± sample standard deviation over the seeds. Out: a training loss above the limit at "
+        "epoch 10 (does not learn), or a best validation balanced accuracy below halfway from "
+        "chance to 1 (does not generalize; a model that memorizes passes the first rule), on "
+        "some seed.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -109,3 +109,40 @@ def test_report_section(tmp_path):
     assert "<!-- compare lesion 3 epochs begin -->" in written
     compare.write_report(study)  # rewritten in place, not appended
     assert study.output.read_text().count("compare lesion 3 epochs begin") == 1
+
+
+# ------------------------------------------------------------------------------------ the screen
+
+
+def screen_record(train_loss_at_10: float, best: float, classes: int | None = 4) -> dict:
+    curve = {"train_loss": [1.4] * 9 + [train_loss_at_10], "val_loss": [1.0] * 10}
+    return {"curve": curve, "best_val_balanced_accuracy": best, "classes": classes}
+
+
+def test_screen_puts_out_models_that_do_not_learn_or_do_not_generalize():
+    study = make_study(Path("."))
+    assert compare.screen_out(study, [screen_record(0.4, 0.97), screen_record(0.5, 0.90)]) == []
+    slow = compare.screen_out(study, [screen_record(0.4, 0.97), screen_record(1.35, 0.90)])
+    assert slow == ["out (training loss above 1.3 at epoch 10)"]
+    # memorizing: the loss falls fastest, validation stays near chance (0.25 on four classes)
+    memorized = compare.screen_out(study, [screen_record(0.2, 0.97), screen_record(0.2, 0.31)])
+    assert memorized == ["out (validation balanced accuracy below 0.625)"]
+    assert compare.screen_out(study, [screen_record(0.2, 0.70, classes=2)]) == [
+        "out (validation balanced accuracy below 0.750)"
+    ]
+    # a record from before the class count was kept is judged by the loss alone
+    assert compare.screen_out(study, [screen_record(0.2, 0.31, classes=None)]) == []
+
+
+def test_validation_record_counts_the_classes(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "epoch,train_loss,val_loss,val_balanced_accuracy,val_auroc,seconds\n"
+        "1,1.0,1.1,0.5,0.6,2.0\n2,0.8,0.9,0.75,0.8,3.0\n"
+    )
+    summary = {"per_class": {"a": {"train": 4}, "b": {"train": 4}, "c": {"train": 4}}}
+    (run / "dataset_summary.json").write_text(json.dumps(summary))
+    record = compare.validation_record(run)
+    assert record["classes"] == 3 and record["best_val_balanced_accuracy"] == 0.75
+    assert record["best_epoch"] == 2
