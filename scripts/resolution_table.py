@@ -206,7 +206,7 @@ def plot(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     # a colour per row and a marker per task, named in the legend: labels written beside the
     # points overlapped where two rows train at the same speed
-    colours = plt.get_cmap("tab10").colors
+    palette = plt.get_cmap("tab10")  # ten colours, called by index
     for index, row in enumerate(rows):
         timed = row.get("timing")
         for task, marker in (("lesion", "o"), ("regions", "s")):
@@ -220,12 +220,12 @@ def plot(rows: list[dict], path: Path) -> None:
                 mean,
                 yerr=sd,
                 marker=marker,
-                color=colours[index % len(colours)],
+                color=palette(index % 10),
                 capsize=3,
                 ls="none",
             )
     handles = [
-        Line2D([], [], color=colours[i % len(colours)], marker="D", ls="none", label=row["label"])
+        Line2D([], [], color=palette(i % 10), marker="D", ls="none", label=row["label"])
         for i, row in enumerate(rows)
         if row.get("timing") and any(f and f["accuracy"] for f in row["results"].values())
     ]
