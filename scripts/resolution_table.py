@@ -185,7 +185,7 @@ def section(spec: dict, rows: list[dict], device: str, command: str) -> str:
     if any(row.get("timing") and row["timing"].get("from_runs") for row in rows):
         lines += [
             "",
-            "‡ not timed in the pass above: the median epoch of the row's own training runs "
+            "‡ not in the timing pass: the median epoch of the row's own training runs "
             "(30 epochs a seed, both tasks, 400 scans of the same shape each, one process at a "
             "time on the same machine) and their largest peak memory.",
         ]
