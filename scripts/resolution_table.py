@@ -33,6 +33,7 @@ import argparse
 import csv
 import glob
 import json
+import math
 import os
 import shlex
 import statistics
@@ -124,10 +125,13 @@ def timing_of_runs(patterns: list[str]) -> dict[str, float] | None:
             run = Path(path).parent
             with (run / "metrics.csv").open(newline="") as handle:
                 seconds += [float(r["seconds"]) for r in csv.DictReader(handle)]
-            peaks.append(json.loads((run / "compare_train.json").read_text())["peak_memory_gib"])
+            train = json.loads((run / "compare_train.json").read_text())
+            if train.get("peak_memory_gib") is not None:  # None where it was not measured
+                peaks.append(train["peak_memory_gib"])
     if not seconds:
         return None
-    return {"epoch_s": statistics.median(seconds), "peak_gib": max(peaks), "from_runs": True}
+    peak = max(peaks) if peaks else math.nan
+    return {"epoch_s": statistics.median(seconds), "peak_gib": peak, "from_runs": True}
 
 
 def accuracy(pattern: str) -> dict[str, list[float]]:
@@ -170,7 +174,10 @@ def section(spec: dict, rows: list[dict], device: str, command: str) -> str:
         timed = row.get("timing")
         mark = " ‡" if timed and timed.get("from_runs") else ""
         cells += (
-            [f"{timed['epoch_s']:.1f} s{mark}", f"{timed['peak_gib']:.2f} GiB{mark}"]
+            [
+                f"{timed['epoch_s']:.1f} s{mark}",
+                f"{timed['peak_gib']:.2f} GiB{mark}" if math.isfinite(timed["peak_gib"]) else "–",
+            ]
             if timed
             else ["–", "–"]
         )

@@ -4,6 +4,7 @@ marks them, on constructed run folders; no training."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import resolution_table  # noqa: E402
 
 
-def write_run(folder: Path, seconds: list[float], peak: float, finished: bool = True) -> None:
+def write_run(
+    folder: Path, seconds: list[float], peak: float | None, finished: bool = True
+) -> None:
     folder.mkdir(parents=True)
     rows = ["epoch,train_loss,seconds", *(f"{i + 1},0.5,{s}" for i, s in enumerate(seconds))]
     (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
@@ -30,6 +33,10 @@ def test_timing_of_runs_pools_every_epoch_of_the_finished_runs(tmp_path):
     # median of 30, 10, 11, 12, 13; the unfinished run's epochs and peak are left out
     assert timed == {"epoch_s": 12.0, "peak_gib": 2.5, "from_runs": True}
     assert resolution_table.timing_of_runs([str(tmp_path / "none-s*")]) is None
+    # a run whose peak memory was not measured gives its epochs, and no peak
+    write_run(tmp_path / "unmeasured" / "m-s0", [5.0], peak=None)
+    alone = resolution_table.timing_of_runs([str(tmp_path / "unmeasured" / "m-s*")])
+    assert alone is not None and alone["epoch_s"] == 5.0 and math.isnan(alone["peak_gib"])
 
 
 def test_section_marks_timings_from_runs():
@@ -44,3 +51,6 @@ def test_section_marks_timings_from_runs():
     assert "10.0 s |" in lines["| timed"] and "‡" not in lines["| timed"]
     assert "20.0 s ‡" in lines["| runs"] and "2.00 GiB ‡" in lines["| runs"]
     assert "‡ not in the timing pass" in text
+    unmeasured = {**rows[1], "timing": {**rows[1]["timing"], "peak_gib": math.nan}}
+    text = resolution_table.section({"plot_name": "p.png"}, [unmeasured], "this CPU", "cmd")
+    assert "| 20.0 s ‡ | – |" in text
