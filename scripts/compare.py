@@ -275,6 +275,12 @@ def validation_record(run_dir: Path) -> dict:
     }
 
 
+def parameter_count(state) -> int:
+    """The trainable parameters of a checkpoint's model (its state dict also holds buffers, such
+    as BatchNorm's running statistics, which are not parameters)."""
+    return sum(p.numel() for p in state.build_model().parameters())
+
+
 def run_one(study: Study, model: str, seed: int) -> dict:
     """Train (or resume, or reuse) and evaluate one run; returns and writes its compare.json."""
     from volumetric.checkpoint import load_checkpoint
@@ -340,7 +346,7 @@ def run_one(study: Study, model: str, seed: int) -> dict:
         "seconds_per_epoch": statistics.median(seconds),
         "epochs": len(seconds),
         "best_epoch": state.epoch,
-        "parameters": sum(v.numel() for v in state.weights.values() if v.is_floating_point()),
+        "parameters": parameter_count(state),
         # of the last training process (a resumed run: of its resumption); None when not measured
         "peak_memory_gib": peak_gib,
     }

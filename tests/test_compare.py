@@ -146,3 +146,15 @@ def test_validation_record_counts_the_classes(tmp_path):
     record = compare.validation_record(run)
     assert record["classes"] == 3 and record["best_val_balanced_accuracy"] == 0.75
     assert record["best_epoch"] == 2
+
+
+def test_parameter_count_leaves_out_buffers():
+    from volumetric.checkpoint import Checkpoint
+    from volumetric.models.registry import build_model
+
+    args = {"num_classes": 2, "in_channels": 1}
+    model = build_model("densenet121", args)
+    state = Checkpoint("densenet121", args, ["a", "b"], {}, model.state_dict())
+    weights = sum(v.numel() for v in state.weights.values() if v.is_floating_point())
+    parameters = sum(p.numel() for p in model.parameters())
+    assert compare.parameter_count(state) == parameters < weights  # BatchNorm's running stats
