@@ -30,7 +30,6 @@ seeds and both tasks shown apart) against training time per epoch.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import math
@@ -117,17 +116,15 @@ def timing(overrides: list[str], epochs: int) -> dict[str, float]:
 
 def timing_of_runs(patterns: list[str]) -> dict[str, float] | None:
     """The median epoch time and the largest peak memory of the finished runs matching
-    ``patterns`` (their metrics.csv and compare_train.json); None when none has finished."""
+    ``patterns`` (from their compare.json records); None when none has finished."""
     seconds: list[float] = []
     peaks: list[float] = []
     for pattern in patterns:
         for path in sorted(glob.glob(str(Path(pattern) / "compare.json"))):
-            run = Path(path).parent
-            with (run / "metrics.csv").open(newline="") as handle:
-                seconds += [float(r["seconds"]) for r in csv.DictReader(handle)]
-            train = json.loads((run / "compare_train.json").read_text())
-            if train.get("peak_memory_gib") is not None:  # None where it was not measured
-                peaks.append(train["peak_memory_gib"])
+            record = json.loads(Path(path).read_text())
+            seconds += record["epoch_seconds"]
+            if record.get("peak_memory_gib") is not None:  # None where it was not measured
+                peaks.append(record["peak_memory_gib"])
     if not seconds:
         return None
     peak = max(peaks) if peaks else math.nan
