@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy against cost by token resolution: the table and plot of docs/results.md.
 
-    python scripts/resolution_table.py ROWS.yaml [--time] [--timing-epochs 3]
+    python scripts/resolution_table.py ROWS.yaml [--time | --retime] [--timing-epochs 3]
         [--output docs/results.md] [--plot docs/resolution.png]
 
 ROWS.yaml names the rows, each a model (overrides of the task's demo config) and, per task, the
@@ -18,9 +18,13 @@ run's compare.json: the 1,000 test scans); per row: parameters and forward GFLOP
 64×80×64 scan (counted by torch's FlopCounterMode; softmax attention is counted through its
 explicit N×N form, since SDPA's CPU kernel is not counted) and, with ``--time``, the training
 time per epoch (training plus validation on the lesion task's 400 training scans, the median of
-epochs 2 to ``--timing-epochs``) and the peak resident memory of that run, measured here one
-process at a time. Without ``--time`` the timings of an earlier ``--time`` (kept in
-``timings.json`` beside ROWS.yaml) are reused. A row with ``time: runs`` is not timed again: its
+epochs 2 to ``--timing-epochs``, or to the row's own ``timing_epochs``) and the peak resident
+memory of that run, measured here one process at a time. Timings are kept in ``timings.json``
+beside ROWS.yaml: ``--time`` measures the rows that have none there, ``--retime`` every row, and
+without either the kept ones are shown. A row timed over its second epoch alone
+(``timing_epochs: 2``, for a model whose epochs take many minutes) is marked "†"; a row timed but
+not trained (no runs) shows in the plot as a dotted line at its time. A row with ``time: runs``
+is not timed: its
 time per epoch is the median epoch of its own training runs (every epoch of every seed and task,
 each run one process at a time on this machine; both tasks train on 400 scans of one shape) and
 its peak memory their largest, marked "‡" in the table. The plot puts test accuracy (mean over
@@ -111,7 +115,11 @@ def timing(overrides: list[str], epochs: int) -> dict[str, float]:
         rows = (Path(folder) / "run" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     seconds = [float(r.split(",")[header.index("seconds")]) for r in rows[1:]]
-    return {"epoch_s": statistics.median(seconds[1:]), "peak_gib": usage.ru_maxrss / 2**20}
+    return {
+        "epoch_s": statistics.median(seconds[1:]),
+        "peak_gib": usage.ru_maxrss / 2**20,
+        "epochs": len(seconds) - 1,  # how many epochs the median is of
+    }
 
 
 def timing_of_runs(patterns: list[str]) -> dict[str, float] | None:
@@ -169,7 +177,7 @@ def section(spec: dict, rows: list[dict], device: str, command: str) -> str:
             f"{row['gflops']:.2f}",
         ]
         timed = row.get("timing")
-        mark = " ‡" if timed and timed.get("from_runs") else ""
+        mark = timing_mark(timed)
         cells += (
             [
                 f"{timed['epoch_s']:.1f} s{mark}",
@@ -186,15 +194,31 @@ def section(spec: dict, rows: list[dict], device: str, command: str) -> str:
                 mean_sd(found["auroc"]),
             ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    if any(row.get("timing") and row["timing"].get("from_runs") for row in rows):
+    marks = {timing_mark(row.get("timing")) for row in rows}
+    if " ‡" in marks:
         lines += [
             "",
             "‡ not in the timing pass: the median epoch of the row's own training runs "
             "(30 epochs a seed, both tasks, 400 scans of the same shape each, one process at a "
             "time on the same machine) and their largest peak memory.",
         ]
+    if " †" in marks:
+        lines += [
+            "",
+            "† timed over its second epoch alone (the first fills the cache), its epochs being "
+            "too long on this machine for more.",
+        ]
     lines += ["", f"![accuracy against training time per epoch]({spec['plot_name']})", ""]
     return "\n".join(lines)
+
+
+def timing_mark(timed: dict | None) -> str:
+    """The table's mark for how a row was timed: ‡ from its own runs, † over one epoch."""
+    if not timed:
+        return ""
+    if timed.get("from_runs"):
+        return " ‡"
+    return " †" if timed.get("epochs") == 1 else ""
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -233,6 +257,12 @@ def plot(rows: list[dict], path: Path) -> None:
         for i, row in enumerate(rows)
         if row.get("timing") and any(f and f["accuracy"] for f in row["results"].values())
     ]
+    for index, row in enumerate(rows):  # timed but not trained: where its cost lies
+        timed = row.get("timing")
+        if timed and not any(f and f["accuracy"] for f in row["results"].values()):
+            axes.axvline(timed["epoch_s"], color=palette(index % 10), ls=":")
+            label = f"{row['label']} (timed, not trained)"
+            handles.append(Line2D([], [], color=palette(index % 10), ls=":", label=label))
     handles += [
         Line2D([], [], color="grey", marker=m, ls="none", label=f"{task} task")
         for task, m in (("lesion", "o"), ("regions", "s"))
@@ -276,7 +306,13 @@ def table_row(row: dict, root: Path, timed: dict[str, float] | None) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", type=Path)
-    parser.add_argument("--time", action="store_true", help="measure time and memory per row")
+    timing_choice = parser.add_mutually_exclusive_group()
+    timing_choice.add_argument(
+        "--time", action="store_true", help="measure time and memory of rows not yet timed"
+    )
+    timing_choice.add_argument(
+        "--retime", action="store_true", help="measure time and memory of every row again"
+    )
     parser.add_argument("--timing-epochs", type=int, default=3)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "resolution.png")
@@ -290,8 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in spec["rows"]:
         overrides = list(row.get("overrides") or [])
         key = " ".join(overrides)
-        if args.time and row.get("time", True) not in (False, "runs"):
-            timings[key] = timing(overrides, args.timing_epochs)
+        wanted = args.retime or (args.time and key not in timings)
+        if wanted and row.get("time", True) not in (False, "runs"):
+            timings[key] = timing(overrides, row.get("timing_epochs", args.timing_epochs))
             timings_path.write_text(json.dumps(timings, indent=2) + "\n")
         rows.append(table_row(row, root, timings.get(key)))
     from volumetric.bench.report import machine_description, write_markdown

@@ -53,3 +53,55 @@ def test_section_marks_timings_from_runs():
     unmeasured = {**rows[1], "timing": {**rows[1]["timing"], "peak_gib": math.nan}}
     text = resolution_table.section({"plot_name": "p.png"}, [unmeasured], "this CPU", "cmd")
     assert "| 20.0 s ‡ | – |" in text
+
+
+def test_section_marks_rows_timed_over_one_epoch():
+    results = {"lesion": {"accuracy": [], "auroc": []}}
+    row = {"tokens": 5120, "parameters_m": 0.5, "gflops": 40.0, "results": results}
+    rows = [
+        {**row, "label": "long", "timing": {"epoch_s": 500.0, "peak_gib": 3.0, "epochs": 1}},
+        {**row, "label": "short", "timing": {"epoch_s": 10.0, "peak_gib": 1.0, "epochs": 2}},
+    ]
+    text = resolution_table.section({"plot_name": "p.png"}, rows, "this CPU", "cmd")
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "500.0 s †" in lines["| long"] and "3.00 GiB †" in lines["| long"]
+    assert "†" not in lines["| short"]
+    assert "† timed over its second epoch alone" in text
+    assert "‡" not in text
+
+
+def test_time_measures_only_rows_not_yet_timed(tmp_path, monkeypatch):
+    rows = {
+        "runs_root": str(tmp_path / "runs"),
+        "rows": [
+            {"label": "kept", "overrides": [], "runs": {"lesion": "a-s*"}},
+            {
+                "label": "new",
+                "overrides": ["model.attention=softmax"],
+                "timing_epochs": 2,
+                "runs": {"lesion": "b-s*"},
+            },
+        ],
+    }
+    spec = tmp_path / "rows.yaml"
+    spec.write_text(json.dumps(rows))  # JSON is YAML
+    kept = {"epoch_s": 9.0, "peak_gib": 1.0}
+    (tmp_path / "timings.json").write_text(json.dumps({"": kept}))
+    calls: list[tuple[list[str], int]] = []
+
+    def fake_timing(overrides, epochs):
+        calls.append((overrides, epochs))
+        return {"epoch_s": 400.0, "peak_gib": 2.0, "epochs": epochs - 1}
+
+    monkeypatch.setattr(resolution_table, "timing", fake_timing)
+    out = ["--output", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")]
+    assert resolution_table.main([str(spec), "--time", *out]) == 0
+    assert calls == [(["model.attention=softmax"], 2)]  # the kept row is not timed again
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert timings[""] == kept and timings["model.attention=softmax"]["epoch_s"] == 400.0
+    text = (tmp_path / "r.md").read_text()
+    assert "400.0 s †" in text and "9.0 s |" in text
+    assert (tmp_path / "r.png").stat().st_size > 0  # a row timed, not trained: a dotted line
+    calls.clear()
+    assert resolution_table.main([str(spec), "--retime", *out]) == 0
+    assert [overrides for overrides, _ in calls] == [[], ["model.attention=softmax"]]
