@@ -276,6 +276,8 @@ def plot(rows: list[dict], path: Path) -> None:
     axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("training time per epoch (s, log scale)")
     axes.set_ylabel("test accuracy (1,000 scans)")
+    low, high = axes.get_ylim()
+    axes.set_ylim(low, min(high, 1.01))  # a wide sd's bar is cut at 1, which no accuracy passes
     axes.grid(alpha=0.3)
     figure.tight_layout()
     with atomic_path(path) as tmp:
