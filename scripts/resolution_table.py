@@ -221,6 +221,11 @@ def timing_mark(timed: dict | None) -> str:
     return " †" if timed.get("epochs") == 1 else ""
 
 
+def trained(row: dict) -> bool:
+    """Whether the row has test accuracy on some task (a row may be timed only)."""
+    return any(found and found["accuracy"] for found in row["results"].values())
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -255,11 +260,11 @@ def plot(rows: list[dict], path: Path) -> None:
     handles = [
         Line2D([], [], color=palette(i % 10), marker="D", ls="none", label=row["label"])
         for i, row in enumerate(rows)
-        if row.get("timing") and any(f and f["accuracy"] for f in row["results"].values())
+        if row.get("timing") and trained(row)
     ]
     for index, row in enumerate(rows):  # timed but not trained: where its cost lies
         timed = row.get("timing")
-        if timed and not any(f and f["accuracy"] for f in row["results"].values()):
+        if timed and not trained(row):
             axes.axvline(timed["epoch_s"], color=palette(index % 10), ls=":")
             label = f"{row['label']} (timed, not trained)"
             handles.append(Line2D([], [], color=palette(index % 10), ls=":", label=label))
